@@ -1,0 +1,25 @@
+"""The segmenter interface every method implements: Episode in, one probability map per query out."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from fsdiff.episode import Episode
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """Anything with ``predict(episode) -> [prob map per query]``.
+
+    Each map is float32 (H, W) in [0, 1] at the query image's own resolution; the binary mask is
+    ``prob > threshold`` (``threshold`` attribute, 0.5 unless a method chose another on validation).
+    """
+
+    name: str
+    threshold: float
+
+    def predict(self, episode: Episode) -> list[np.ndarray]:
+        """Probability of the episode's class for every pixel of every query."""
+        ...
