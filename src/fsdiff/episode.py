@@ -45,7 +45,7 @@ def check_label(mask: np.ndarray, shape: tuple[int, int], source: str) -> np.nda
     if mask.dtype != np.uint8:
         raise FsdiffError(f"{source}: mask must be uint8 with values 0, 1, 255, got dtype {mask.dtype}.")
     counts = np.bincount(mask.ravel(), minlength=256)
-    bad = [v for v in np.flatnonzero(counts) if v not in (0, 1, IGNORE)]
+    bad = [int(v) for v in np.flatnonzero(counts) if v not in (0, 1, IGNORE)]
     if bad:
         raise FsdiffError(
             f"{source}: mask holds values {bad[:8]}; expected 0 (background), 1 (class) and 255 (ignore). "
