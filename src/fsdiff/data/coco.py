@@ -1,0 +1,428 @@
+"""COCO-20i and any COCO-format export (METHODS.md §1.2), read from an ``instances.json``.
+
+Works for COCO 2014/2017 and for exports of CVAT, Label Studio, labelme (labelme2coco), Roboflow.
+Segmentations may be polygons, uncompressed or compressed RLE (decoded with ``pycocotools.mask``).
+The mask of (image, class) is 1 on the union of the class's non-crowd instances, 255 on the class's
+crowd regions not covered by an instance, 0 elsewhere (other classes are background).
+
+Class index k = position of the category in sorted category-id order (0..79 for COCO). Folds:
+
+* ``interleaved`` (HSNet / FWB, BAM's ``use_split_coco=True``): fold i tests indexes {4m + i};
+* ``contiguous`` (PANet): fold i tests indexes 20i..20i+19.
+
+A dataset with another number of categories N is split the same way on its own sorted categories
+(interleaved: k % n_folds == i; contiguous: [i*N//n_folds, (i+1)*N//n_folds)); ``fold=None`` keeps
+every class. split 'val' (or 'test') = the fold's classes, 'trn' (or 'train') = the others.
+
+A class is present in an image when it has a non-crowd instance; ``min_pixels`` (default 0: no
+filter) additionally requires that many pixels in the union mask. With ``hsnet_lists=True`` the
+per-class image lists (and so HSNet's sampling) come from HSNet's ``coco/{trn,val}/fold{i}.pkl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from fsdiff.data.base import SOURCES, FewShotSource, check_fold, normalise_split, resolve_splits_dir
+from fsdiff.errors import FsdiffError
+from fsdiff.io import IGNORE, read_image
+
+CONVENTIONS = ("interleaved", "contiguous")
+_SPLITS = {"val": "val", "test": "val", "trn": "trn", "train": "trn"}
+_JSON_NAMES = ("instances.json", "annotations.json", "_annotations.coco.json", "result.json",
+               "annotations/instances_default.json", "annotations/instances.json")  # fmt: skip
+_CACHE_SIZE = 64
+
+
+def coco_fold_classes(n_classes: int, fold: int, convention: str = "interleaved", n_folds: int = 4) -> list[int]:
+    """Class indexes (0..n_classes-1) tested in ``fold`` under ``convention``."""
+    fold = check_fold(fold, n_folds, "COCO-20i")
+    if convention == "interleaved":
+        return [k for k in range(n_classes) if k % n_folds == fold]
+    if convention == "contiguous":
+        return list(range(fold * n_classes // n_folds, (fold + 1) * n_classes // n_folds))
+    raise FsdiffError(f"convention={convention!r} is not a COCO-20i fold convention; use one of {CONVENTIONS}.")
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Unpickler for HSNet's list files: plain dicts, lists, ints and strings only."""
+
+    def find_class(self, module: str, name: str):  # noqa: D401
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the file holds more than plain data")
+
+
+def _id_in_name(name: str) -> int | None:
+    m = re.search(r"(\d+)\.[A-Za-z]+$", name)
+    return int(m.group(1)) if m else None
+
+
+class CocoSource(FewShotSource):
+    """A COCO-format instances json and its image folder, restricted to one fold and split."""
+
+    name = "coco"
+    hsnet_query_mode = "class_random"
+    default_episodes = 1000
+
+    def __init__(
+        self,
+        ann: str | os.PathLike | None = None,
+        root: str | os.PathLike | None = None,
+        images: str | os.PathLike | None = None,
+        fold: int | None = None,
+        split: str = "val",
+        convention: str = "interleaved",
+        n_folds: int = 4,
+        min_pixels: int = 0,
+        splits_dir: str | os.PathLike | None = None,
+        hsnet_lists: bool = False,
+        allow_missing: bool = False,
+    ) -> None:
+        super().__init__()
+        if convention not in CONVENTIONS:
+            raise FsdiffError(f"convention={convention!r} is not a COCO-20i fold convention; use one of {CONVENTIONS}.")
+        self.convention = convention
+        self.n_folds = int(n_folds)
+        self.split = normalise_split(split, "COCO", _SPLITS)
+        self.min_pixels = int(min_pixels)
+        self.ann = self._find_json(ann, root)
+        self._parse(self._read_json())
+        self.images_dir = self._find_images(images, root)
+        n = len(self._cats)
+        if fold is None:
+            self.fold = None
+            ids = list(range(n))
+        else:
+            self.fold = check_fold(fold, self.n_folds, "COCO-20i")
+            test = coco_fold_classes(n, self.fold, convention, self.n_folds)
+            ids = test if self.split == "val" else [k for k in range(n) if k not in set(test)]
+            if not ids:
+                raise FsdiffError(
+                    f"{self.ann}: fold {self.fold} ({self.split}) has no class with {n} categories and "
+                    f"{self.n_folds} folds; use fold=None for all classes or fewer folds."
+                )
+        self.classes = [(k, self._cats[k][1]) for k in ids]
+        self._class_set = set(ids)
+        self._mask_cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._pixel_cache: dict[tuple[int, int], int] = {}
+        self._lists: dict[int, list[str]] | None = None
+        self.hsnet_lists = bool(hsnet_lists)
+        self.missing_from_json = 0
+        if self.hsnet_lists:
+            self._lists = self._read_hsnet_lists(splits_dir, allow_missing)
+
+    # -- loading the json ------------------------------------------------------------------
+    @staticmethod
+    def _find_json(ann: str | os.PathLike | None, root: str | os.PathLike | None) -> Path:
+        if ann is not None:
+            path = Path(ann).expanduser()
+            if path.is_dir():
+                root, ann = path, None
+            elif not path.is_file():
+                raise FsdiffError(f"COCO annotation file not found: {path}; pass the instances json (ann=...).")
+            else:
+                return path
+        if root is None:
+            raise FsdiffError("a COCO source needs ann=<instances.json> or root=<folder holding it>.")
+        base = Path(root).expanduser()
+        if base.is_file():
+            return base
+        for name in _JSON_NAMES:
+            if (base / name).is_file():
+                return base / name
+        raise FsdiffError(
+            f"no COCO annotation json in {base} (looked for {', '.join(_JSON_NAMES)}); pass ann=<path to the json>."
+        )
+
+    def _read_json(self) -> dict:
+        try:
+            data = json.loads(self.ann.read_bytes())
+        except json.JSONDecodeError as exc:
+            raise FsdiffError(
+                f"{self.ann} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                "re-export the annotations in COCO format."
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FsdiffError(f"cannot read COCO annotation file {self.ann}: {exc}.") from None
+        if not isinstance(data, dict):
+            raise FsdiffError(f"{self.ann} is not a COCO annotation file: the top level is not an object.")
+        missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
+        if missing:
+            raise FsdiffError(
+                f"{self.ann} is not a COCO instances file: key(s) {missing} missing or not a list "
+                "(a COCO json needs 'images', 'annotations' and 'categories'); export as 'COCO instances'."
+            )
+        return data
+
+    def _bad(self, what: str) -> FsdiffError:
+        return FsdiffError(f"{self.ann}: {what}; fix or re-export the COCO json.")
+
+    def _parse(self, data: dict) -> None:
+        cats = []
+        for i, c in enumerate(data["categories"]):
+            if not isinstance(c, dict) or "id" not in c or "name" not in c:
+                raise self._bad(f"categories[{i}] lacks 'id' or 'name'")
+            cats.append((int(c["id"]), str(c["name"])))
+        cats.sort()
+        if len({c for c, _ in cats}) != len(cats):
+            raise self._bad("two categories share an id")
+        if not cats:
+            raise self._bad("the json has no categories")
+        self._cats = cats
+        index_of_cat = {cid: k for k, (cid, _) in enumerate(cats)}
+
+        self._images: dict[int, dict] = {}
+        self._keys: list[str] = []
+        self._id_of_key: dict[str, int] = {}
+        for i, im in enumerate(data["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise self._bad(f"images[{i}] lacks 'id' or 'file_name'")
+            iid, key = int(im["id"]), str(im["file_name"])
+            if iid in self._images:
+                raise self._bad(f"image id {iid} is listed twice")
+            if key in self._id_of_key:
+                raise self._bad(f"file_name {key!r} is listed twice")
+            h, w = im.get("height"), im.get("width")
+            self._images[iid] = {"key": key, "h": int(h) if h else None, "w": int(w) if w else None}
+            self._keys.append(key)
+            self._id_of_key[key] = iid
+
+        self._anns: dict[int, list[tuple[int, bool, object, object]]] = {}
+        present: dict[int, set[int]] = {}
+        for i, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
+                raise self._bad(f"annotations[{i}] lacks 'image_id' or 'category_id'")
+            aid = a.get("id", i)
+            if a["image_id"] not in self._images:
+                raise self._bad(f"annotation {aid} refers to image_id {a['image_id']}, which is not in 'images'")
+            if a["category_id"] not in index_of_cat:
+                raise self._bad(
+                    f"annotation {aid} refers to category_id {a['category_id']}, which is not in 'categories'"
+                )
+            if not a.get("segmentation"):
+                raise self._bad(
+                    f"annotation {aid} has no 'segmentation' (a box-only export); few-shot segmentation needs "
+                    "polygons or RLE masks"
+                )
+            k, iid, crowd = index_of_cat[a["category_id"]], int(a["image_id"]), bool(a.get("iscrowd", 0))
+            self._anns.setdefault(iid, []).append((k, crowd, a["segmentation"], aid))
+            if not crowd:
+                present.setdefault(k, set()).add(iid)
+        pos = {iid: p for p, iid in enumerate(self._images)}
+        self._present = {k: sorted(ids, key=pos.__getitem__) for k, ids in present.items()}
+
+    def _find_images(self, images: str | os.PathLike | None, root: str | os.PathLike | None) -> Path:
+        if images is not None:
+            path = Path(images).expanduser()
+            if not path.is_dir():
+                raise FsdiffError(f"COCO image folder {path} does not exist; pass images=<folder with the images>.")
+            return path
+        cands = []
+        if root is not None and Path(root).is_dir():
+            cands.append(Path(root) / "images")
+        jdir = self.ann.parent
+        cands += [jdir / "images", jdir.parent / "images"]
+        m = re.match(r"instances_(train|val)(\d{4})", self.ann.stem)
+        if m:
+            cands += [jdir.parent / f"{m.group(1)}{m.group(2)}", jdir.parent / "images" / f"{m.group(1)}{m.group(2)}"]
+        for cand in cands:
+            if cand.is_dir():
+                return cand
+        return jdir / "images"
+
+    def _read_hsnet_lists(self, splits_dir, allow_missing: bool) -> dict[int, list[str]]:
+        """Per-class image order from HSNet's ``coco/{split}/fold{i}.pkl`` (class index -> names)."""
+        if self.fold is None or self.convention != "interleaved" or len(self._cats) != 80 or self.n_folds != 4:
+            raise FsdiffError(
+                "hsnet_lists=True needs the 80 COCO categories, fold 0..3, convention='interleaved' and 4 folds "
+                "(HSNet's lists are COCO-20i in the interleaved convention)."
+            )
+        rel = f"coco/{self.split}/fold{self.fold}.pkl"
+        path = resolve_splits_dir(splits_dir, [rel], "COCO-20i (HSNet lists)") / rel
+        try:
+            with open(path, "rb") as f:
+                lists = _NoGlobals(f).load()
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            raise FsdiffError(f"cannot read HSNet list {path}: {exc}; use the unmodified HSNet file.") from None
+        if not isinstance(lists, dict) or not all(isinstance(v, list) for v in lists.values()):
+            raise FsdiffError(f"{path} is not an HSNet COCO list (a dict: class index -> list of image names).")
+        by_id = {iid: im["key"] for iid, im in self._images.items()}
+        by_base = {Path(k).name: k for k in self._keys}
+        out: dict[int, list[str]] = {}
+        total = missing = 0
+        for k in self.class_ids():
+            keys = []
+            for name in lists.get(k, []):
+                total += 1
+                key = by_base.get(Path(str(name)).name)
+                if key is None:
+                    key = by_id.get(_id_in_name(str(name)))
+                if key is None:
+                    missing += 1
+                else:
+                    keys.append(key)
+            out[k] = keys
+        self.missing_from_json = missing
+        if missing and not allow_missing:
+            raise FsdiffError(
+                f"{missing} of the {total} images in {path} are not in {self.ann}; HSNet's episodes need the "
+                "COCO 2014 json of that split (instances_val2014.json for 'val'), or pass allow_missing=True "
+                "to drop them (the episodes then differ from HSNet's)."
+            )
+        return out
+
+    # -- interface -------------------------------------------------------------------------
+    def images_of_class(self, class_id: int) -> list[str]:
+        """Images with a non-crowd instance of ``class_id`` (json order, or HSNet's list order)."""
+        if class_id not in self._class_set:
+            self._unknown_class(class_id)
+        if self._lists is not None:
+            return list(self._lists[class_id])
+        ids = self._present.get(class_id, [])
+        if self.min_pixels > 0:
+            ids = [iid for iid in ids if self._pixels(iid, class_id) >= self.min_pixels]
+        return [self._images[iid]["key"] for iid in ids]
+
+    def query_items(self) -> list[tuple[str, int]]:
+        """(image, class) pairs: images in json order, classes by index within each image."""
+        members = {c: set(self.images_of_class(c)) for c in self.class_ids()}
+        keys = self._keys if self._lists is None else sorted({k for v in members.values() for k in v})
+        return [(key, c) for key in keys for c in self.class_ids() if key in members[c]]
+
+    def image_keys(self) -> list[str]:
+        """Every image in json order."""
+        return list(self._keys)
+
+    def image_path(self, image_key: str) -> Path:
+        """Where the image file of ``image_key`` (its json file_name) is looked for."""
+        first = self.images_dir / image_key
+        if first.is_file():
+            return first
+        for cand in (self.ann.parent / image_key, self.images_dir / Path(image_key).name):
+            if cand.is_file():
+                return cand
+        return first
+
+    def _image_id(self, image_key: str) -> int:
+        iid = self._id_of_key.get(image_key)
+        if iid is None:
+            raise FsdiffError(f"image {image_key!r} is not listed in {self.ann}; use a file_name from its 'images'.")
+        return iid
+
+    def _decode(self, segm: object, h: int, w: int, aid: object) -> np.ndarray:
+        """One annotation's binary mask (polygons, uncompressed or compressed RLE)."""
+        from pycocotools import mask as mask_utils
+
+        try:
+            if isinstance(segm, list):
+                polys = [[float(v) for v in p] for p in segm]
+                if any(len(p) % 2 or len(p) < 6 for p in polys):
+                    raise ValueError("a polygon needs an even number (>= 6) of coordinates")
+                rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+            elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
+                if [int(v) for v in segm["size"]] != [h, w]:
+                    raise ValueError(f"RLE size {segm['size']} differs from the image size [{h}, {w}]")
+                counts = segm["counts"]
+                if isinstance(counts, list):
+                    rle = mask_utils.frPyObjects(segm, h, w)
+                else:
+                    rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+            else:
+                raise ValueError("segmentation is neither a polygon list nor an RLE {'size', 'counts'}")
+            with warnings.catch_warnings():  # pycocotools vs numpy 2 copy= keyword
+                warnings.simplefilter("ignore", DeprecationWarning)
+                m = mask_utils.decode(rle)
+        except FsdiffError:
+            raise
+        except Exception as exc:  # pycocotools raises assorted types on bad input
+            raise self._bad(f"annotation {aid} has an unreadable segmentation ({exc})") from None
+        if m.ndim == 3:
+            m = m.max(axis=2)
+        return m.astype(bool)
+
+    def _size(self, iid: int) -> tuple[int, int]:
+        im = self._images[iid]
+        if im["h"] is None or im["w"] is None:
+            arr = read_image(self._require_file(iid))
+            im["h"], im["w"] = arr.shape[:2]
+        return im["h"], im["w"]
+
+    def _class_mask(self, iid: int, class_id: int) -> np.ndarray:
+        key = (iid, class_id)
+        if key in self._mask_cache:
+            self._mask_cache.move_to_end(key)
+            return self._mask_cache[key]
+        h, w = self._size(iid)
+        mask = np.zeros((h, w), np.uint8)
+        anns = [a for a in self._anns.get(iid, []) if a[0] == class_id]
+        for _, crowd, segm, aid in anns:
+            if crowd:
+                mask[self._decode(segm, h, w, aid)] = IGNORE
+        for _, crowd, segm, aid in anns:
+            if not crowd:
+                mask[self._decode(segm, h, w, aid)] = 1
+        self._mask_cache[key] = mask
+        if len(self._mask_cache) > _CACHE_SIZE:
+            self._mask_cache.popitem(last=False)
+        return mask
+
+    def _pixels(self, iid: int, class_id: int) -> int:
+        key = (iid, class_id)
+        if key not in self._pixel_cache:
+            self._pixel_cache[key] = int(np.count_nonzero(self._class_mask(iid, class_id) == 1))
+        return self._pixel_cache[key]
+
+    def _require_file(self, iid: int) -> Path:
+        key = self._images[iid]["key"]
+        path = self.image_path(key)
+        if not path.is_file():
+            raise FsdiffError(
+                f"image file {path} (file_name {key!r}, listed in {self.ann}) is missing; copy it there, "
+                "pass images=<folder with the images>, or remove it from the json. source.check() lists "
+                "every missing file."
+            )
+        return path
+
+    def load(self, image_key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Image and {0,1,255} mask of ``class_id`` (instances 1, crowd 255)."""
+        if class_id not in self._class_set:
+            self._unknown_class(class_id)
+        iid = self._image_id(image_key)
+        path = self._require_file(iid)
+        image = read_image(path)
+        im = self._images[iid]
+        if im["h"] is not None and (im["h"], im["w"]) != image.shape[:2]:
+            raise FsdiffError(
+                f"image {path} is {image.shape[1]}x{image.shape[0]} (WxH) but {self.ann} says "
+                f"{im['w']}x{im['h']}; re-export the json or use the original image."
+            )
+        im["h"], im["w"] = image.shape[:2]
+        return image, self._class_mask(iid, class_id).copy()
+
+    def class_pixels(self, image_key: str) -> dict[int, int]:
+        """Pixels of each class of this split covered by its non-crowd instances."""
+        iid = self._image_id(image_key)
+        ks = sorted({a[0] for a in self._anns.get(iid, []) if not a[1] and a[0] in self._class_set})
+        return {k: n for k in ks if (n := self._pixels(iid, k)) > 0}
+
+    def check(self) -> list[str]:
+        """Image files listed in the json that are missing on disk."""
+        return [str(self.image_path(k)) for k in self._keys if not self.image_path(k).is_file()]
+
+    def describe(self) -> dict:
+        """Dataset, json, fold, split, convention and filters."""
+        return {
+            "dataset": self.name, "ann": str(self.ann), "fold": self.fold, "split": self.split,
+            "convention": self.convention, "n_folds": self.n_folds, "min_pixels": self.min_pixels,
+            "hsnet_lists": self.hsnet_lists,
+        }  # fmt: skip
+
+
+SOURCES.register("coco")(CocoSource)
