@@ -175,3 +175,117 @@ def demo(out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD
             assert r.files is not None
             results.append(DemoResult(ep["name"], shots[0].annotation.kind, Path(q.image_id).name, mask_iou(r.mask, q.gt), r.files))
     return results
+
+
+def _episode_runs(specs: list, protocol: str, seeds: list[int]) -> list[tuple[int, list]]:
+    """Split sampled episode specs into (seed, specs) runs (BAM lists hold 5 runs, ids ``r<run>-<i>``)."""
+    if protocol != "bam":
+        return [(seeds[0], specs)]
+    runs: dict[str, list] = {}
+    for s in specs:
+        runs.setdefault(s.episode_id.split("-", 1)[0], []).append(s)
+    return list(zip(seeds, runs.values()))
+
+
+def evaluate_benchmark(
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    fold: int = 0,
+    shots: int = 1,
+    method: str = DEFAULT_METHOD,
+    encoder: str | None = None,
+    ann: str | os.PathLike | None = None,
+    splits_dir: str | os.PathLike | None = None,
+    convention: str = "interleaved",
+    protocol: str = "hsnet",
+    episodes: int | None = None,
+    seeds: Sequence[int] | None = None,
+    resolution: str | int = "original",
+    episode_list: str | os.PathLike | None = None,
+    save_episodes: str | os.PathLike | None = None,
+    skip_small_classes: bool = False,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    segmenter=None,
+) -> tuple[dict, str]:
+    """Score a method on one benchmark fold; write summary.json and per_class.csv to ``out``.
+
+    Returns the summary dict (``miou``/``fbiou`` in percent, mean and std over seeds) and the text table.
+    """
+    from fsdiff.data import build_source
+    from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
+    from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
+    from fsdiff.metrics import check_resolution
+
+    resolution = check_resolution(resolution)
+    if isinstance(shots, bool) or int(shots) < 1:
+        raise FsdiffError(f"--shots {shots}: the number of support shots must be a positive integer.")
+    if protocol not in ("hsnet", "bam"):
+        raise FsdiffError(f"--protocol {protocol!r}: use 'hsnet' or 'bam'.")
+    kwargs: dict = {"root": root, "fold": fold, "split": "val" if dataset != "fss1000" else "test"}
+    if dataset == "coco":
+        kwargs["convention"] = convention
+        if ann is not None:  # --root is then the image folder
+            kwargs.update(ann=ann, images=kwargs.pop("root"))
+    elif ann is not None:
+        raise FsdiffError(f"--ann is only used with --dataset coco, not {dataset}.")
+    if dataset in ("pascal", "fss1000"):
+        kwargs["splits_dir"] = splits_dir
+    if dataset == "folder":
+        kwargs.pop("split")
+    source = build_source(dataset, **kwargs)
+    skipped: list[str] = []
+    if skip_small_classes:
+        keep = [(c, n) for c, n in source.classes if len(source.images_of_class(c)) > shots]
+        skipped = [n for c, n in source.classes if (c, n) not in keep]
+        if not keep:
+            raise FsdiffError(f"no class of {dataset} fold {fold} has more than {shots} images; lower --shots.")
+        source.classes = keep
+    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
+    class_ids = source.class_ids()
+    names = {c: source.class_name(c) for c in class_ids}
+
+    if episode_list is not None:
+        specs, list_meta = load_episode_list(episode_list)
+        if int(list_meta.get("shots", shots)) != shots:
+            raise FsdiffError(f"--episode-list {episode_list} holds {list_meta['shots']}-shot episodes but --shots is {shots}.")
+        run_seeds = list(list_meta["seed"]) if isinstance(list_meta.get("seed"), list) else [list_meta.get("seed")]
+        runs = _episode_runs(specs, str(list_meta.get("protocol", protocol)), run_seeds)
+    else:
+        if protocol == "bam":
+            base = 123 if not seeds else int(seeds[0])
+            specs = sample_episodes(source, "bam", episodes, shots, base)
+            run_seeds = bam_seeds(base)
+            runs = _episode_runs(specs, "bam", run_seeds)
+            list_seed: object = base
+        else:
+            run_seeds = list(seeds) if seeds else [0]
+            runs = [(s, sample_episodes(source, "hsnet", episodes, shots, s)) for s in run_seeds]
+            specs = [sp for _, r in runs for sp in r]
+            list_seed = run_seeds if len(run_seeds) > 1 else run_seeds[0]
+        if save_episodes is not None:
+            if protocol == "hsnet" and len(run_seeds) > 1:
+                raise FsdiffError("--save-episodes stores one run; give a single --seeds value (or use --protocol bam).")
+            save_episode_list(save_episodes, specs, episode_meta(source, protocol, shots, list_seed))
+
+    results = []
+    for seed, run in runs:
+        eps = (build_episode(source, spec, names.get(spec.class_id)) for spec in run)
+        results.append(evaluate(seg, eps, class_ids, names, resolution=resolution, progress=progress))
+    summary = summarize_seeds(results, [s for s, _ in runs])
+    meta = {
+        "dataset": dataset,
+        "fold": fold,
+        "shots": shots,
+        "method": method if segmenter is None else getattr(seg, "name", method),
+        "encoder": getattr(seg, "encoder_name", encoder),
+        "episodes": len(runs[0][1]),
+        "protocol": protocol,
+        "resolution": resolution,
+        "convention": convention if dataset == "coco" else None,
+        "classes_skipped": skipped,
+    }
+    if out is not None:
+        write_report(out, summary, None, meta)
+    return {**meta, **summary}, format_table(summary)

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="score a method on a few-shot benchmark fold")
     p.add_argument("--dataset", required=True, choices=["coco", "pascal", "fss1000", "folder"])
-    p.add_argument("--root", required=True, metavar="DIR", help="dataset root folder")
+    p.add_argument("--root", required=True, metavar="DIR", help="dataset root (coco: the folder holding instances.json and images/, or the image folder when --ann is given)")
     p.add_argument("--ann", default=None, metavar="FILE", help="COCO-format instances json (coco only)")
-    p.add_argument("--splits", default=None, metavar="DIR", help="folder with the HSNet split lists (pascal, fss1000; or $FSDIFF_SPLITS)")
+    p.add_argument("--splits-dir", dest="splits", default=None, metavar="DIR", help="folder with the HSNet split lists (pascal, fss1000; or $FSDIFF_SPLITS)")
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--episodes", type=int, default=1000, help="episodes per seed (HSNet: 1000; fss1000 uses every test image)")
@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="original", help="score at the 'original' label size or a fixed size such as 400 (HSNet)")
     p.add_argument("--episode-list", default=None, metavar="FILE", help="score on the episodes in this file instead of sampling")
     p.add_argument("--save-episodes", default=None, metavar="FILE", help="write the sampled episodes to this file")
+    p.add_argument("--skip-small-classes", action="store_true", help="leave out classes with no more images than --shots (small datasets); they are listed in summary.json")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and per_class.csv")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_method_args(p)
@@ -123,6 +124,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         resolution=args.resolution,
         episode_list=args.episode_list,
         save_episodes=args.save_episodes,
+        skip_small_classes=args.skip_small_classes,
         out=args.out,
         progress=not args.no_progress,
     )

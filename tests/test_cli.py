@@ -1,0 +1,157 @@
+"""The ``fsdiff`` command: outputs of segment/demo/eval and clear errors, no traceback, no partial files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsdiff.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _photo(tmp_path: Path, name: str, h: int = 48, w: int = 64, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 60, (h, w, 3), dtype=np.uint8)
+    arr[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = (200, 40, 40)  # a red square object
+    path = tmp_path / name
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def _mask(tmp_path: Path, name: str, h: int = 48, w: int = 64) -> Path:
+    m = np.zeros((h, w), np.uint8)
+    m[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 255
+    path = tmp_path / name
+    Image.fromarray(m).save(path)
+    return path
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_segment_writes_masks_probs_overlays(tmp_path, capsys):
+    s, m, q = _photo(tmp_path, "s.png"), _mask(tmp_path, "s_mask.png"), _photo(tmp_path, "q.jpg", seed=1)
+    out = tmp_path / "out"
+    code, stdout, err = _run(["segment", "--support", s, "--mask", m, "--query", q, "--out", out], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["q_mask.png", "q_overlay.jpg", "q_prob.png"]
+    mask = np.asarray(Image.open(out / "q_mask.png"))
+    assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
+    prob = np.asarray(Image.open(out / "q_prob.png"))
+    # the mask is the thresholded probability (0.5 -> 127.5 on the 0..255 scale)
+    assert ((prob > 128) <= (mask == 255)).all() and ((prob < 127) <= (mask == 0)).all()
+    # the red square should be found: more foreground inside than outside
+    assert mask[14:34, 18:46].mean() > mask[:10].mean()
+
+
+def test_segment_two_shots_mask_and_box(tmp_path, capsys):
+    s1, m1 = _photo(tmp_path, "a.png"), _mask(tmp_path, "a_mask.png")
+    s2, q = _photo(tmp_path, "b.png", seed=2), _photo(tmp_path, "q.png", seed=3)
+    code, stdout, err = _run(
+        ["segment", "--support", s1, "--mask", m1, "--support", s2, "--box", "16,12,48,36", "--query", q, q, "--out", tmp_path / "o"],
+        capsys,
+    )
+    assert code == 0, err
+    # two queries with the same stem get distinct file names
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"q_mask.png", "q_1_mask.png"}
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png", 40, 64), "--query", _photo(t, "q.png")], "does not match its image"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--mask", t / "missing.png", "--query", _photo(t, "q.png")], "not found"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--box", "1,2,3", "--query", _photo(t, "q.png")], "four numbers"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--box", "0,0,100,10", "--query", _photo(t, "q.png")], "outside the 64x48 image"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--query", _photo(t, "q.png")], "no annotation"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png"), "--query", _photo(t, "q.png"), "--method", "nope"], "unknown method 'nope'"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png"), "--query", _photo(t, "q.png"), "--encoder", "resnet-9000"], "unknown encoder 'resnet-9000'"),
+    ],
+)
+def test_segment_bad_input(tmp_path, capsys, make_args, message):
+    out = tmp_path / "out"
+    code, stdout, err = _run(["segment", *make_args(tmp_path), "--out", out], capsys)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists(), "no partial output on bad input"
+
+
+def test_empty_mask_and_truncated_query(tmp_path, capsys):
+    empty = tmp_path / "empty.png"
+    Image.fromarray(np.zeros((48, 64), np.uint8)).save(empty)
+    code, _, err = _run(["segment", "--support", _photo(tmp_path, "s.png"), "--mask", empty, "--query", _photo(tmp_path, "q.png"), "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "support mask is empty" in err
+    q = _photo(tmp_path, "q.jpg")
+    q.write_bytes(q.read_bytes()[:200])
+    code, _, err = _run(["segment", "--support", _photo(tmp_path, "s.png"), "--mask", _mask(tmp_path, "m.png"), "--query", q, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "truncated or corrupt" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_annotation_before_support_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["segment", "--mask", "m.png", "--support", "s.png", "--query", "q.png", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "comes before any --support" in capsys.readouterr().err
+
+
+def test_demo_writes_overlays(tmp_path, capsys):
+    code, stdout, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
+    assert code == 0, err
+    overlays = sorted((tmp_path / "demo").rglob("*_overlay.jpg"))
+    assert len(overlays) == 2
+    assert "IoU" in stdout
+
+
+def test_eval_on_a_user_folder(tmp_path, capsys):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(4):
+        _photo(root / "images", f"x{i}.png", seed=i)
+        _mask(root / "masks", f"x{i}.png")
+    out = tmp_path / "report"
+    code, stdout, err = _run(["eval", "--dataset", "folder", "--root", root, "--shots", "1", "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["miou"] <= 100 and 0 <= summary["fbiou"] <= 100
+    assert summary["shots"] == 1 and summary["method"] == "prototype"
+    assert (out / "per_class.csv").read_text().startswith("class_id,class_name,iou")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--fold", "7"], "fold=7 is out of range"),
+        (["--shots", "500"], "500 support shot(s) were requested"),
+        (["--method", "nope"], "unknown method"),
+    ],
+)
+def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):
+    out = tmp_path / "report"
+    args = ["eval", "--dataset", "coco", "--root", shared_data / "coco-mini", "--episodes", "3", "--out", out, "--no-progress", *extra]
+    code, _, err = _run(args, capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_eval_malformed_json(tmp_path, capsys):
+    (tmp_path / "instances.json").write_text("{not json")
+    code, _, err = _run(["eval", "--dataset", "coco", "--root", tmp_path, "--out", tmp_path / "r", "--no-progress"], capsys)
+    assert code == 2 and "instances.json" in err and "Traceback" not in err
+
+
+def test_console_entry_point_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "fsdiff", "--version"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.startswith("fsdiff ")
