@@ -24,3 +24,14 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real data folder ../shared/data is absent (set FSDIFF_SHARED_DATA to run these tests)")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use tiny tensors: one intra-op thread avoids thread contention that makes them far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
