@@ -1,0 +1,326 @@
+"""Seeded annotation synthesis for DiffUp training and the weak-label benchmarks (DiffUp Sec. IV setup;
+METHODS.md §4.2 "Annotation synthesis" and "Training", §5 "make annotation synthesis deterministic").
+
+The paper trains on "all annotation types"; how boxes and scribbles are made from GT masks is the
+METHODS.md §4.2 reconstruction [R]:
+
+* box = the tight bounding box of the mask's class pixels (:meth:`BoxAnnotation.from_mask`);
+* scribble (PASCAL-Scribble style) = a random connected sub-path, drawn ``width`` = 5 px wide, of the
+  skeleton of the eroded mask. The skeleton is a Zhang–Suen thinning written here with numpy (OpenCV's
+  ``ximgproc.thinning`` is not in opencv-python-headless), computed on the object's crop scaled to at
+  most ``max_side`` pixels and mapped back; the erosion radius is ``erode_ratio``·√area, halved until
+  the eroded mask is non-empty. The sub-path runs between a random skeleton pixel u and a random pixel
+  v whose geodesic distance from u is at least a random fraction (``length_range``) of the farthest
+  one, on the largest 8-connected skeleton component; the drawn strokes are intersected with the class
+  pixels, so they never touch background or ignore (255) pixels. Thinning collapses compact blobs
+  (discs, squares) to a dot, which no annotator would draw: when the path is shorter than
+  ``min_length_ratio``·√area of the eroded mask, the stroke is instead a random sub-segment of the
+  chord along the principal axis (jittered by up to ±15°) through the centroid-nearest pixel. Tiny or
+  thin objects whose skeleton is empty fall back to a disk around the class pixel nearest the mask's
+  centroid;
+* per episode K ~ U{0..max_shots}, per-shot types ~ U{mask, box, scribble}, and a text prior with
+  probability 0.5, always when K = 0.
+
+Everything draws from an explicit ``numpy.random.Generator``; :func:`episode_rng` derives a stable one
+per (seed, episode key), so box/scribble results are reproducible per episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from fsdiff.episode import (
+    Annotation,
+    BoxAnnotation,
+    MaskAnnotation,
+    ScribbleAnnotation,
+    TextAnnotation,
+    check_label,
+)
+from fsdiff.errors import FsdiffError
+
+SHOT_TYPES = ("mask", "box", "scribble")
+"""Spatial annotation types sampled per training shot (METHODS.md §4.2)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# randomness
+# ----------------------------------------------------------------------------------------------------
+def as_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """A numpy Generator from a seed (a Generator passes through; None means seed 0)."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(0 if seed is None else int(seed))
+
+
+def episode_rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A Generator determined by a seed and episode keys (stable across runs and machines)."""
+    digest = hashlib.sha256("\x1f".join(str(k) for k in keys).encode("utf-8")).digest()
+    words = [int.from_bytes(digest[i : i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# skeleton
+# ----------------------------------------------------------------------------------------------------
+def _zhang_suen_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Deletion look-up tables over the 8-neighbour code (bit i = P_{i+2}, P2 = north, clockwise)."""
+    t1 = np.zeros(256, bool)
+    t2 = np.zeros(256, bool)
+    for code in range(256):
+        p = [(code >> i) & 1 for i in range(8)]  # P2, P3, ..., P9
+        b = sum(p)
+        a = sum(1 for i in range(8) if p[i] == 0 and p[(i + 1) % 8] == 1)
+        if not (2 <= b <= 6 and a == 1):
+            continue
+        p2, p4, p6, p8 = p[0], p[2], p[4], p[6]
+        t1[code] = p2 * p4 * p6 == 0 and p4 * p6 * p8 == 0
+        t2[code] = p2 * p4 * p8 == 0 and p2 * p6 * p8 == 0
+    return t1, t2
+
+
+_ZS1, _ZS2 = _zhang_suen_tables()
+# neighbour offsets (dy, dx) for P2..P9: N, NE, E, SE, S, SW, W, NW
+_NEIGH = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
+
+
+def zhang_suen_skeleton(binary: np.ndarray, max_iter: int = 10_000) -> np.ndarray:
+    """The Zhang–Suen (1984) thinning of a 2-D binary map, as a bool array (8-connected, 1 px wide)."""
+    img = np.pad(np.asarray(binary).astype(bool), 1).astype(np.uint8)
+    h, w = img.shape
+    for _ in range(max_iter):
+        changed = False
+        for table in (_ZS1, _ZS2):
+            code = np.zeros((h - 2, w - 2), np.uint8)
+            for bit, (dy, dx) in enumerate(_NEIGH):
+                code |= img[1 + dy : h - 1 + dy, 1 + dx : w - 1 + dx] << bit
+            core = img[1:-1, 1:-1]
+            delete = (core == 1) & table[code]
+            if delete.any():
+                core[delete] = 0
+                changed = True
+        if not changed:
+            break
+    return img[1:-1, 1:-1].astype(bool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# annotations
+# ----------------------------------------------------------------------------------------------------
+def _as_label(mask: np.ndarray, source: str = "mask") -> np.ndarray:
+    """A validated {0,1,255} uint8 mask (a bool mask is accepted as {0,1})."""
+    if isinstance(mask, np.ndarray) and mask.dtype == bool:
+        mask = mask.astype(np.uint8)
+    if not isinstance(mask, np.ndarray) or mask.ndim != 2:
+        raise FsdiffError(f"{source}: expected a 2-D mask array, got {getattr(mask, 'shape', type(mask).__name__)}.")
+    counts = check_label(mask, mask.shape, source)
+    if counts[1] == 0:
+        raise FsdiffError(f"{source}: the mask has no class pixel (value 1); cannot synthesise an annotation from it.")
+    return mask
+
+
+def synthesize_box(mask: np.ndarray) -> BoxAnnotation:
+    """The tight box around the mask's class pixels."""
+    return BoxAnnotation.from_mask(_as_label(mask))
+
+
+def _largest_component(binary: np.ndarray) -> np.ndarray:
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return np.zeros_like(binary, bool)
+    best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return labels == best
+
+
+def _random_path(skel: np.ndarray, rng: np.random.Generator, length_range: tuple[float, float]) -> np.ndarray:
+    """A random geodesic path (N, 2) of (y, x) on an 8-connected skeleton component."""
+    ys, xs = np.nonzero(skel)
+    index = {(int(y), int(x)): i for i, (y, x) in enumerate(zip(ys, xs))}
+    n = len(ys)
+    start = int(rng.integers(n))
+    dist = np.full(n, -1, np.int64)
+    parent = np.full(n, -1, np.int64)
+    dist[start] = 0
+    queue = deque([start])
+    while queue:
+        i = queue.popleft()
+        y, x = int(ys[i]), int(xs[i])
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                j = index.get((y + dy, x + dx))
+                if j is not None and dist[j] < 0:
+                    dist[j] = dist[i] + 1
+                    parent[j] = i
+                    queue.append(j)
+    far = int(dist.max())
+    frac = float(rng.uniform(*length_range))
+    candidates = np.flatnonzero(dist >= max(0, int(np.ceil(frac * far))))
+    end = int(candidates[int(rng.integers(len(candidates)))])
+    path = [end]
+    while path[-1] != start:
+        path.append(int(parent[path[-1]]))
+    return np.stack([ys[path], xs[path]], axis=1)
+
+
+def _chord_path(region: np.ndarray, rng: np.random.Generator, length_range: tuple[float, float]) -> np.ndarray:
+    """A random sub-segment (2, 2) of (y, x) of the chord along the region's principal axis through
+    its centroid-nearest pixel, the axis jittered by up to ±15°."""
+    ys, xs = np.nonzero(region)
+    cy, cx = ys.mean(), xs.mean()
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    c = np.array([ys[k], xs[k]], np.float64)
+    if len(ys) > 1:
+        cov = np.cov(np.stack([ys, xs]).astype(np.float64))
+        evals, evecs = np.linalg.eigh(cov)
+        d = evecs[:, int(np.argmax(evals))]
+    else:
+        d = np.array([0.0, 1.0])
+    ang = float(rng.uniform(-np.pi / 12, np.pi / 12))
+    d = np.array([d[0] * np.cos(ang) - d[1] * np.sin(ang), d[0] * np.sin(ang) + d[1] * np.cos(ang)])
+    h, w = region.shape
+
+    def walk(sign: float) -> float:
+        r = 0.0
+        while True:
+            y, x = np.round(c + sign * (r + 0.5) * d).astype(int)
+            if not (0 <= y < h and 0 <= x < w and region[y, x]):
+                return r
+            r += 0.5
+
+    lo_r, hi_r = -walk(-1.0), walk(1.0)
+    span = hi_r - lo_r
+    length = float(rng.uniform(*length_range)) * span
+    start = lo_r + float(rng.uniform(0.0, max(0.0, span - length)))
+    return np.stack([c + start * d, c + (start + length) * d])
+
+
+def _centroid_disk(fg: np.ndarray, radius: int) -> np.ndarray:
+    """A disk around the class pixel nearest the centroid, cut to the class pixels."""
+    ys, xs = np.nonzero(fg)
+    cy, cx = ys.mean(), xs.mean()
+    k = int(np.argmin((ys - cy) ** 2 + (xs - cx) ** 2))
+    out = np.zeros(fg.shape, np.uint8)
+    out[ys[k], xs[k]] = 1
+    out = cv2.dilate(out, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1)))
+    return (out > 0) & fg
+
+
+def synthesize_scribble(
+    mask: np.ndarray,
+    rng: int | np.random.Generator | None,
+    *,
+    width: int = 5,
+    erode_ratio: float = 0.05,
+    length_range: tuple[float, float] = (0.5, 1.0),
+    max_side: int = 192,
+    min_length_ratio: float = 0.5,
+) -> ScribbleAnnotation:
+    """A PASCAL-Scribble-style stroke: a random ``width``-px sub-path of the eroded mask's skeleton."""
+    fg_full = _as_label(mask) == 1
+    if width < 1:
+        raise FsdiffError(f"scribble width must be >= 1 pixel, got {width}.")
+    lo, hi = length_range
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise FsdiffError(f"length_range must satisfy 0 <= lo <= hi <= 1, got {length_range}.")
+    gen = as_rng(rng)
+    h, w = fg_full.shape
+    ys, xs = np.nonzero(fg_full)
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    fg = fg_full[y0:y1, x0:x1]
+    scale = min(1.0, max_side / max(fg.shape))
+    small = fg
+    if scale < 1.0:
+        size = (max(1, round(fg.shape[1] * scale)), max(1, round(fg.shape[0] * scale)))
+        small = cv2.resize(fg.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5
+        if not small.any():
+            small, scale = fg, 1.0
+    sy, sx = small.shape[0] / fg.shape[0], small.shape[1] / fg.shape[1]
+
+    radius = int(round(erode_ratio * np.sqrt(small.sum())))
+    eroded = small
+    while radius > 0:
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        eroded = cv2.erode(np.pad(small, radius).astype(np.uint8), kernel)[radius:-radius, radius:-radius] > 0
+        if eroded.any():
+            break
+        radius //= 2
+        eroded = small
+    skel = _largest_component(zhang_suen_skeleton(eroded))
+
+    strokes = np.zeros((h, w), np.uint8)
+    if skel.any():
+        path = _random_path(skel, gen, (lo, hi)).astype(np.float64)
+        # Thinning collapses compact blobs (discs, squares) to a dot; a scribbler would draw across them.
+        if len(path) < min_length_ratio * np.sqrt(eroded.sum()):
+            path = _chord_path(eroded, gen, (lo, hi))
+        py = (path[:, 0] + 0.5) / sy - 0.5 + y0
+        px = (path[:, 1] + 0.5) / sx - 0.5 + x0
+        pts = np.round(np.stack([px, py], axis=1)).astype(np.int32).reshape(-1, 1, 2)
+        # a 1-px centre line dilated by a width×width disk: exactly ``width`` px across (cv2's thick
+        # lines come out about two pixels wider than asked)
+        cv2.polylines(strokes, [pts], isClosed=False, color=1, thickness=1, lineType=cv2.LINE_8)
+        strokes = cv2.dilate(strokes, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+        strokes = ((strokes > 0) & fg_full).astype(np.uint8)
+    if not strokes.any():  # tiny/thin objects: a disk at the centroid-nearest class pixel
+        strokes = _centroid_disk(fg_full, width // 2).astype(np.uint8)
+    return ScribbleAnnotation(strokes)
+
+
+def synthesize_annotation(
+    mask: np.ndarray, kind: str, rng: int | np.random.Generator | None, *, scribble_width: int = 5
+) -> Annotation:
+    """A support annotation of ``kind`` (mask, box, scribble or text) synthesised from a GT mask."""
+    if kind == "mask":
+        return MaskAnnotation(_as_label(mask).copy())
+    if kind == "box":
+        return synthesize_box(mask)
+    if kind == "scribble":
+        return synthesize_scribble(mask, rng, width=scribble_width)
+    if kind == "text":
+        return TextAnnotation()
+    raise FsdiffError(f"cannot synthesise a {kind!r} annotation; use one of mask, box, scribble, text.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# episode layouts
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EpisodeLayout:
+    """How a training episode is annotated: K shots with one type each, and whether text is added."""
+
+    k: int
+    shot_types: tuple[str, ...]
+    use_text: bool
+
+    def prior_types(self) -> tuple[str, ...]:
+        """The types of all UAPF inputs: the shots, then ``text`` when used."""
+        return self.shot_types + (("text",) if self.use_text else ())
+
+
+def sample_episode_layout(
+    rng: int | np.random.Generator | None,
+    *,
+    max_shots: int = 5,
+    shot_types: Sequence[str] = SHOT_TYPES,
+    text_prob: float = 0.5,
+) -> EpisodeLayout:
+    """K ~ U{0..max_shots}, per-shot types ~ U(shot_types), text with ``text_prob`` (always when K = 0)."""
+    if max_shots < 0:
+        raise FsdiffError(f"max_shots must be >= 0, got {max_shots}.")
+    types = tuple(shot_types)
+    if not types:
+        raise FsdiffError("shot_types must name at least one annotation type.")
+    for t in types:
+        if t not in SHOT_TYPES:
+            raise FsdiffError(f"shot type {t!r} is not one of {SHOT_TYPES}.")
+    gen = as_rng(rng)
+    k = int(gen.integers(0, max_shots + 1))
+    chosen = tuple(types[int(i)] for i in gen.integers(0, len(types), size=k))
+    use_text = bool(k == 0 or gen.random() < text_prob)
+    return EpisodeLayout(k=k, shot_types=chosen, use_text=use_text)
