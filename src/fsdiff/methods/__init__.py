@@ -1,0 +1,35 @@
+"""Segmentation methods by name: every method implements the Segmenter protocol (methods/base.py)."""
+
+from __future__ import annotations
+
+from fsdiff.errors import FsdiffError
+from fsdiff.methods.base import Segmenter
+from fsdiff.registry import Registry
+
+METHODS: Registry[Segmenter] = Registry("method")
+"""Registered segmenters: ``prototype`` (training-free baseline)."""
+
+
+@METHODS.register("prototype")
+def _build_prototype(**kwargs) -> Segmenter:
+    from fsdiff.methods.prototype import PrototypeSegmenter
+
+    return PrototypeSegmenter(**kwargs)
+
+
+def build_method(name: str, **kwargs) -> Segmenter:
+    """Build the segmenter registered under ``name`` with its keyword arguments."""
+    if not isinstance(name, str):
+        raise FsdiffError(
+            f"method name must be a string, got {type(name).__name__}; choose one of: {', '.join(METHODS.names())}."
+        )
+    factory = METHODS.get(name)
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc) or "got an unexpected" in str(exc):
+            raise FsdiffError(f"method {name!r}: {exc}; check the option names.") from None
+        raise
+
+
+__all__ = ["METHODS", "Segmenter", "build_method"]

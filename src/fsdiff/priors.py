@@ -1,0 +1,140 @@
+"""Dimension-free support-query priors (METHODS.md §4.2 "BAFT"), shared by the training-free
+``prototype`` segmenter and, later, DiffUp.
+
+* :func:`region_weights` — an annotation region (bool / soft map at image resolution) resized to the
+  feature grid by area averaging (each feature cell gets the fraction of its pixels inside the region).
+* :func:`masked_average_pooling` — MAP, the PANet / PFENet prototype ``p = sum_x w(x) f(x) / sum_x w(x)``.
+* :func:`prototype_cosine` — ``P_proto(x) = cos(f_q(x), p)`` (BAFT's prototype prior).
+* :func:`pixel_max_cosine` — ``P_pix(x) = max_{y in A} cos(f_q(x), f_s(y))`` (PFENet's training-free prior
+  mask, BAFT's pixel prior), chunked over query pixels so memory stays bounded.
+* :func:`minmax_normalise` — per-map min-max normalisation to [0, 1] (BAFT "min-max normalise each map").
+
+All functions are pure torch, work on CPU and GPU, and accept an optional leading batch dimension where
+noted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsdiff.errors import FsdiffError
+
+EPS = 1e-6
+"""Guard against division by zero in normalisations."""
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+"""Pixel-max works on blocks of at most this many query x support similarities (16 MiB in float32)."""
+
+
+def _as_tensor(x, device=None, dtype=torch.float32) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if not isinstance(x, torch.Tensor):
+        raise FsdiffError(f"expected a numpy array or torch tensor, got {type(x).__name__}.")
+    return x.to(device=device, dtype=dtype)
+
+
+def region_weights(region, size: tuple[int, int], mode: str = "area") -> torch.Tensor:
+    """Resize a (H, W) bool/soft region to a (h, w) float weight map in [0, 1] ("area" or "bilinear")."""
+    w = _as_tensor(region)
+    if w.ndim != 2:
+        raise FsdiffError(f"region must be a 2-D (H, W) map, got shape {tuple(w.shape)}.")
+    h, wd = int(size[0]), int(size[1])
+    if tuple(w.shape) == (h, wd):
+        return w.clamp(0, 1)
+    x = w[None, None]
+    if mode == "area":
+        out = F.interpolate(x, size=(h, wd), mode="area")
+    elif mode == "bilinear":
+        out = F.interpolate(x, size=(h, wd), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        raise FsdiffError(f"region resize mode must be 'area' or 'bilinear', got {mode!r}.")
+    return out[0, 0].clamp(0, 1)
+
+
+def masked_average_pooling(feats: torch.Tensor, weights: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Prototype ``sum_x w(x) f(x) / sum_x w(x)``: feats (C, h, w) or (B, C, h, w), weights (h, w) or (B, h, w)."""
+    if feats.ndim == 3:
+        if weights.ndim != 2:
+            raise FsdiffError(f"weights for (C, h, w) features must be (h, w), got {tuple(weights.shape)}.")
+        return masked_average_pooling(feats[None], weights[None], eps)[0]
+    if feats.ndim != 4 or weights.ndim != 3 or weights.shape[0] != feats.shape[0]:
+        raise FsdiffError(
+            f"masked_average_pooling expects feats (B, C, h, w) and weights (B, h, w), got "
+            f"{tuple(feats.shape)} and {tuple(weights.shape)}."
+        )
+    if tuple(weights.shape[-2:]) != tuple(feats.shape[-2:]):
+        raise FsdiffError(
+            f"weights {tuple(weights.shape[-2:])} do not match the feature grid {tuple(feats.shape[-2:])}; "
+            "resize them with region_weights first."
+        )
+    w = weights.to(feats.dtype)
+    num = torch.einsum("bchw,bhw->bc", feats, w)
+    return num / (w.sum(dim=(1, 2))[:, None] + eps)
+
+
+def l2_normalise(x: torch.Tensor, dim: int, eps: float = EPS) -> torch.Tensor:
+    """``x / max(||x||, eps)`` along ``dim``."""
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def prototype_cosine(query: torch.Tensor, proto: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """``P_proto(x) = cos(f_q(x), p)``: query (C, h, w) or (B, C, h, w), proto (C,) or (B, C) -> (h, w) / (B, h, w)."""
+    if query.ndim == 3:
+        return prototype_cosine(query[None], proto.reshape(1, -1), eps)[0]
+    if proto.ndim == 1:
+        proto = proto[None].expand(query.shape[0], -1)
+    if proto.shape != query.shape[:2]:
+        raise FsdiffError(f"prototype {tuple(proto.shape)} does not match query features {tuple(query.shape)}.")
+    q = l2_normalise(query, 1, eps)
+    p = l2_normalise(proto, 1, eps)
+    return torch.einsum("bchw,bc->bhw", q, p)
+
+
+def pixel_max_cosine(
+    query: torch.Tensor,
+    support: torch.Tensor,
+    region: torch.Tensor,
+    threshold: float = 0.5,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    eps: float = EPS,
+) -> torch.Tensor:
+    """``P_pix(x) = max_{y in A} cos(f_q(x), f_s(y))``: query (C, h, w), support (C, hs, ws) -> (h, w).
+
+    ``region`` is the (hs, ws) weight map on the support grid; A holds the cells whose weight is at least
+    ``threshold`` times the largest weight (for a dense mask: cells at least half inside; a thin scribble
+    whose cells are all partly covered still keeps its best-covered cells). An all-zero region gives -1
+    everywhere (nothing matches). Work is chunked over query pixels: at most ``chunk_elements``
+    similarities exist at a time.
+    """
+    if query.ndim != 3 or support.ndim != 3 or query.shape[0] != support.shape[0]:
+        raise FsdiffError(
+            f"pixel_max_cosine expects query (C, h, w) and support (C, hs, ws) with the same C, got "
+            f"{tuple(query.shape)} and {tuple(support.shape)}."
+        )
+    if tuple(region.shape) != tuple(support.shape[1:]):
+        raise FsdiffError(f"region {tuple(region.shape)} does not match the support grid {tuple(support.shape[1:])}.")
+    c, h, w = query.shape
+    r = region.reshape(-1)
+    top = float(r.max()) if r.numel() else 0.0
+    if top <= 0:
+        return query.new_full((h, w), -1.0)
+    sel = r >= threshold * top
+    s = l2_normalise(support.reshape(c, -1)[:, sel], 0, eps)  # (C, Ns)
+    q = l2_normalise(query.reshape(c, -1), 0, eps)  # (C, Nq)
+    n_s = s.shape[1]
+    step = max(1, int(chunk_elements) // max(1, n_s))
+    out = torch.empty(h * w, dtype=query.dtype, device=query.device)
+    for a in range(0, h * w, step):
+        out[a:a + step] = (q[:, a:a + step].T @ s).amax(dim=1)
+    return out.reshape(h, w)
+
+
+def minmax_normalise(x: torch.Tensor, dims: tuple[int, ...] | None = None, eps: float = EPS) -> torch.Tensor:
+    """``(x - min) / (max - min)`` over ``dims`` (default: all), 0 where the map is constant."""
+    if dims is None:
+        lo, hi = x.min(), x.max()
+    else:
+        lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(eps)
