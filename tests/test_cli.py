@@ -155,3 +155,16 @@ def test_eval_malformed_json(tmp_path, capsys):
 def test_console_entry_point_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "fsdiff", "--version"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and proc.stdout.startswith("fsdiff ")
+
+
+def test_method_arg_errors_and_missing_diffusion_models(tmp_path, capsys):
+    base = ["segment", "--support", _photo(tmp_path, "s.png"), "--mask", _mask(tmp_path, "m.png"), "--query", _photo(tmp_path, "q.png"), "--out", tmp_path / "o"]
+    code, _, err = _run([*base, "--method-arg", "steps"], capsys)
+    assert code == 2 and "expected KEY=VALUE" in err
+    code, _, err = _run([*base, "--method-arg", "no_such_option=1"], capsys)
+    assert code == 2 and "no_such_option" in err and "Traceback" not in err
+    code, _, err = _run(
+        [*base, "--method", "diffseg-prior", "--method-arg", f"prior={tmp_path / 'p'}", "--method-arg", f"decoder={tmp_path / 'd'}"], capsys
+    )
+    assert code == 2 and "kandinsky-community/kandinsky-2-2-prior" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -158,10 +158,12 @@ class DemoResult:
     files: WrittenPrediction
 
 
-def demo(out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD, encoder: str | None = None) -> list[DemoResult]:
+def demo(
+    out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD, encoder: str | None = None, segmenter=None
+) -> list[DemoResult]:
     """Segment the bundled example images with the default offline method and write overlays."""
     manifest = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    seg = build_segmenter(method, encoder=encoder)
+    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
     results = []
     out_dir = Path(out)
     for ep in manifest["episodes"]:

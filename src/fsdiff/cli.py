@@ -44,6 +44,11 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--method", default=DEFAULT_METHOD, help=f"segmentation method (default: {DEFAULT_METHOD})")
     p.add_argument("--encoder", default=None, help="frozen image encoder, e.g. efficientnet-lite2 or hf:DIR (default: the method's)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="trained weights of the method (default: the method's shipped or none)")
+    p.add_argument(
+        "--method-arg", action="append", default=[], metavar="KEY=VALUE",
+        help="extra method option, repeatable (e.g. prior=DIR decoder=DIR for diffseg, steps=20 for diffup)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_value(text: str):
+    """A method option value: JSON numbers/booleans/lists, anything else as a string."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _method_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments for the method from --checkpoint and --method-arg KEY=VALUE."""
+    kwargs = {}
+    for item in args.method_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FsdiffError(f"--method-arg {item!r}: expected KEY=VALUE, e.g. --method-arg steps=20.")
+        kwargs[key.strip().replace("-", "_")] = _parse_value(value)
+    if args.checkpoint is not None:
+        kwargs["checkpoint"] = args.checkpoint
+    return kwargs
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from fsdiff.api import load_query, load_shot, parse_class_value, segment
+    from fsdiff.api import build_segmenter, load_query, load_shot, parse_class_value, segment
 
     shots_args = getattr(args, "shots", None) or []
     if not shots_args:
@@ -98,7 +126,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     class_value = parse_class_value(args.class_value)
     shots = [load_shot(s.pop("image"), class_value=class_value, **s) for s in shots_args]
     queries = [load_query(q) for q in args.query]
-    results = segment(shots, queries, class_name=args.class_name, method=args.method, encoder=args.encoder, out=args.out)
+    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
+    results = segment(shots, queries, class_name=args.class_name, out=args.out, segmenter=seg)
     for r in results:
         frac = 100.0 * float(r.mask.mean())
         print(f"{r.query_id}: {frac:.1f}% of pixels -> {r.files.mask}, {r.files.overlay}")
@@ -106,8 +135,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fsdiff.api import evaluate_benchmark
+    from fsdiff.api import build_segmenter, evaluate_benchmark
 
+    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
     summary, table = evaluate_benchmark(
         dataset=args.dataset,
         root=args.root,
@@ -127,15 +157,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         skip_small_classes=args.skip_small_classes,
         out=args.out,
         progress=not args.no_progress,
+        segmenter=seg,
     )
     print(table)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fsdiff.api import demo
+    from fsdiff.api import build_segmenter, demo
 
-    results = demo(args.out, method=args.method, encoder=args.encoder)
+    results = demo(args.out, segmenter=build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args)))
     for r in results:
         print(f"{r.name}: 1-shot ({r.annotation} support) -> {r.query}: IoU {100 * r.iou:.1f}% vs the reference mask; overlay {r.files.overlay}")
     print(f"wrote {len(results)} predictions under {args.out}/")

@@ -7,7 +7,8 @@ from fsdiff.methods.base import Segmenter
 from fsdiff.registry import Registry
 
 METHODS: Registry[Segmenter] = Registry("method")
-"""Registered segmenters: ``prototype`` (training-free baseline)."""
+"""Registered segmenters: ``prototype`` (training-free baseline), ``diffseg-prior`` (training-free
+Kandinsky attention prior), ``diffseg`` (DiffSeg with a trained PAM/SCM checkpoint)."""
 
 
 @METHODS.register("prototype")
@@ -15,6 +16,20 @@ def _build_prototype(**kwargs) -> Segmenter:
     from fsdiff.methods.prototype import PrototypeSegmenter
 
     return PrototypeSegmenter(**kwargs)
+
+
+@METHODS.register("diffseg-prior")
+def _build_diffseg_prior(**kwargs) -> Segmenter:
+    from fsdiff.methods.diffseg import build_diffseg_prior
+
+    return build_diffseg_prior(**kwargs)
+
+
+@METHODS.register("diffseg")
+def _build_diffseg(**kwargs) -> Segmenter:
+    from fsdiff.methods.diffseg import build_diffseg
+
+    return build_diffseg(**kwargs)
 
 
 def build_method(name: str, **kwargs) -> Segmenter:
