@@ -189,6 +189,62 @@ def _episode_runs(specs: list, protocol: str, seeds: list[int]) -> list[tuple[in
     return list(zip(seeds, runs.values()))
 
 
+def open_source(
+    dataset: str,
+    root: str | os.PathLike,
+    *,
+    fold: int | None = 0,
+    split: str | None = None,
+    ann: str | os.PathLike | None = None,
+    splits_dir: str | os.PathLike | None = None,
+    convention: str = "interleaved",
+):
+    """Open a data source the way the CLI names it (``split`` defaults to the benchmark's test split)."""
+    from fsdiff.data import build_source
+
+    if split is None:
+        split = "test" if dataset == "fss1000" else "val"
+    kwargs: dict = {"root": root, "fold": fold, "split": split}
+    if dataset == "coco":
+        kwargs["convention"] = convention
+        if ann is not None:  # --root is then the image folder
+            kwargs.update(ann=ann, images=kwargs.pop("root"))
+    elif ann is not None:
+        raise FsdiffError(f"--ann is only used with --dataset coco, not {dataset}.")
+    if dataset in ("pascal", "fss1000"):
+        kwargs["splits_dir"] = splits_dir
+    if dataset == "folder":
+        kwargs.pop("split")
+        if fold == 0:
+            kwargs["fold"] = None
+    return build_source(dataset, **kwargs)
+
+
+def with_augmentation(
+    segmenter,
+    spec: str,
+    *,
+    cache: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    controlnet: str | os.PathLike | None = None,
+    per_shot: str = "first",
+    steps: int | None = None,
+    resolution: int = 512,
+    seed: int = 0,
+):
+    """Wrap ``segmenter`` with DifFSS auxiliary supports, e.g. ``spec='hed:4'`` (models load on the first cache miss)."""
+    from fsdiff.augment.augmenter import AugmentedSegmenter, Augmenter
+    from fsdiff.augment.controls import parse_condition
+    from fsdiff.augment.generate import GenerationConfig, load_generator
+
+    kind, _n = parse_condition(spec)
+    config = GenerationConfig(seed=seed).replace(resolution=int(resolution))
+    if steps is not None:
+        config = config.replace(steps=int(steps))
+    gen = load_generator(kind, model=model, controlnet=controlnet, cache=cache, config=config, lazy=True)
+    return AugmentedSegmenter(segmenter, Augmenter(gen, spec, per_shot=per_shot))
+
+
 def evaluate_benchmark(
     dataset: str,
     root: str | os.PathLike,
@@ -215,7 +271,6 @@ def evaluate_benchmark(
 
     Returns the summary dict (``miou``/``fbiou`` in percent, mean and std over seeds) and the text table.
     """
-    from fsdiff.data import build_source
     from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
     from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
     from fsdiff.metrics import check_resolution
@@ -225,18 +280,7 @@ def evaluate_benchmark(
         raise FsdiffError(f"--shots {shots}: the number of support shots must be a positive integer.")
     if protocol not in ("hsnet", "bam"):
         raise FsdiffError(f"--protocol {protocol!r}: use 'hsnet' or 'bam'.")
-    kwargs: dict = {"root": root, "fold": fold, "split": "val" if dataset != "fss1000" else "test"}
-    if dataset == "coco":
-        kwargs["convention"] = convention
-        if ann is not None:  # --root is then the image folder
-            kwargs.update(ann=ann, images=kwargs.pop("root"))
-    elif ann is not None:
-        raise FsdiffError(f"--ann is only used with --dataset coco, not {dataset}.")
-    if dataset in ("pascal", "fss1000"):
-        kwargs["splits_dir"] = splits_dir
-    if dataset == "folder":
-        kwargs.pop("split")
-    source = build_source(dataset, **kwargs)
+    source = open_source(dataset, root, fold=fold, ann=ann, splits_dir=splits_dir, convention=convention)
     skipped: list[str] = []
     if skip_small_classes:
         keep = [(c, n) for c, n in source.classes if len(source.images_of_class(c)) > shots]

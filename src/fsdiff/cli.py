@@ -51,6 +51,25 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_augment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DifFSS auxiliary supports")
+    g.add_argument("--augment", default=None, metavar="KIND:N", help="add N generated supports per real support (seg, hed or scribble), e.g. hed:4")
+    g.add_argument("--augment-cache", default=None, metavar="DIR", help="generation cache folder (default: none; reuse one filled by `fsdiff augment generate`)")
+    g.add_argument("--sd-model", default=None, metavar="ID|DIR", help="Stable Diffusion 1.5 model (default: stable-diffusion-v1-5/stable-diffusion-v1-5)")
+    g.add_argument("--controlnet", default=None, metavar="ID|DIR", help="ControlNet (default: lllyasviel/sd-controlnet-KIND)")
+    g.add_argument("--augment-steps", type=int, default=None, metavar="N", help="DDIM steps (default 20)")
+    g.add_argument("--augment-resolution", type=int, default=512, metavar="PX", help="short side of the generated images (default 512)")
+
+
+def _add_source_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--dataset", required=required, choices=["coco", "pascal", "fss1000", "folder"])
+    p.add_argument("--root", required=required, metavar="DIR", help="dataset root (coco: the folder holding instances.json and images/, or the image folder when --ann is given)")
+    p.add_argument("--ann", default=None, metavar="FILE", help="COCO-format instances json (coco only)")
+    p.add_argument("--splits-dir", dest="splits", default=None, metavar="DIR", help="folder with the HSNet split lists (pascal, fss1000; or $FSDIFF_SPLITS)")
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--split-convention", choices=["interleaved", "contiguous"], default="interleaved", help="COCO-20i fold convention")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fsdiff`` command."""
     parser = argparse.ArgumentParser(prog="fsdiff", description="Few-shot semantic segmentation with diffusion models.")
@@ -68,18 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", nargs="+", required=True, metavar="IMG", help="images to segment")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for masks, probability maps and overlays")
     _add_method_args(p)
+    _add_augment_args(p)
 
     p = sub.add_parser("eval", help="score a method on a few-shot benchmark fold")
-    p.add_argument("--dataset", required=True, choices=["coco", "pascal", "fss1000", "folder"])
-    p.add_argument("--root", required=True, metavar="DIR", help="dataset root (coco: the folder holding instances.json and images/, or the image folder when --ann is given)")
-    p.add_argument("--ann", default=None, metavar="FILE", help="COCO-format instances json (coco only)")
-    p.add_argument("--splits-dir", dest="splits", default=None, metavar="DIR", help="folder with the HSNet split lists (pascal, fss1000; or $FSDIFF_SPLITS)")
-    p.add_argument("--fold", type=int, default=0)
+    _add_source_args(p)
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--episodes", type=int, default=1000, help="episodes per seed (HSNet: 1000; fss1000 uses every test image)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="sampling seeds (default: the protocol's)")
     p.add_argument("--protocol", choices=["hsnet", "bam"], default="hsnet", help="episode sampling protocol")
-    p.add_argument("--split-convention", choices=["interleaved", "contiguous"], default="interleaved", help="COCO-20i fold convention")
     p.add_argument("--resolution", default="original", help="score at the 'original' label size or a fixed size such as 400 (HSNet)")
     p.add_argument("--episode-list", default=None, metavar="FILE", help="score on the episodes in this file instead of sampling")
     p.add_argument("--save-episodes", default=None, metavar="FILE", help="write the sampled episodes to this file")
@@ -87,6 +102,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and per_class.csv")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_method_args(p)
+    _add_augment_args(p)
+
+    p = sub.add_parser("augment", help="DifFSS: pre-generate auxiliary supports into a cache, or list/check a cache")
+    asub = p.add_subparsers(dest="augment_command", metavar="VERB")
+    asub.required = True
+    g = asub.add_parser("generate", help="generate N images per support candidate of a fold or folder (shards under accelerate launch)")
+    _add_source_args(g)
+    g.add_argument("--split", default=None, help="which split's images (default: the benchmark's test split; 'trn' for training)")
+    g.add_argument("--condition", default="seg:4", metavar="KIND:N", help="control kind and images per support (default seg:4)")
+    g.add_argument("--cache", required=True, metavar="DIR", help="generation cache folder")
+    g.add_argument("--sd-model", default=None, metavar="ID|DIR")
+    g.add_argument("--controlnet", default=None, metavar="ID|DIR")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--resolution", type=int, default=512, help="short side of the generated images (default 512)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--shard", default=None, metavar="I/N", help="this process's shard, e.g. 0/2 (default: from accelerate launch, else all)")
+    g.add_argument("--no-progress", action="store_true")
+    for verb, text in (("list", "list the cached images"), ("check", "verify every cached file against its checksum")):
+        v = asub.add_parser(verb, help=text)
+        v.add_argument("--cache", required=True, metavar="DIR")
+        if verb == "check":
+            v.add_argument("--cleanup", action="store_true", help="delete leftovers of interrupted writes")
 
     p = sub.add_parser("demo", help="segment the bundled example images and write overlays")
     p.add_argument("--out", default="fsdiff-demo", metavar="DIR", help="output folder (default: ./fsdiff-demo)")
@@ -117,8 +154,21 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _segmenter(args: argparse.Namespace):
+    """The method named on the command line, wrapped with DifFSS supports when --augment is given."""
+    from fsdiff.api import build_segmenter, with_augmentation
+
+    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
+    if getattr(args, "augment", None):
+        seg = with_augmentation(
+            seg, args.augment, cache=args.augment_cache, model=args.sd_model, controlnet=args.controlnet,
+            steps=args.augment_steps, resolution=args.augment_resolution,
+        )
+    return seg
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
-    from fsdiff.api import build_segmenter, load_query, load_shot, parse_class_value, segment
+    from fsdiff.api import load_query, load_shot, parse_class_value, segment
 
     shots_args = getattr(args, "shots", None) or []
     if not shots_args:
@@ -126,7 +176,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     class_value = parse_class_value(args.class_value)
     shots = [load_shot(s.pop("image"), class_value=class_value, **s) for s in shots_args]
     queries = [load_query(q) for q in args.query]
-    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
+    seg = _segmenter(args)
     results = segment(shots, queries, class_name=args.class_name, out=args.out, segmenter=seg)
     for r in results:
         frac = 100.0 * float(r.mask.mean())
@@ -135,9 +185,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fsdiff.api import build_segmenter, evaluate_benchmark
+    from fsdiff.api import evaluate_benchmark
 
-    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
+    seg = _segmenter(args)
     summary, table = evaluate_benchmark(
         dataset=args.dataset,
         root=args.root,
@@ -173,11 +223,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_shard(text: str | None):
+    if text is None:
+        return None
+    i, sep, n = text.partition("/")
+    try:
+        shard = (int(i), int(n))
+    except ValueError:
+        shard = None
+    if not sep or shard is None or not 0 <= shard[0] < shard[1]:
+        raise FsdiffError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. --shard 0/2.")
+    return shard
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    import json
+
+    from fsdiff.augment.cache import GenerationCache
+    from fsdiff.augment.pregenerate import check_cache, list_cache
+
+    if args.augment_command == "list":
+        rows = list_cache(GenerationCache(args.cache))
+        for row in rows:
+            print(json.dumps(row, default=str))
+        print(f"{len(rows)} cached image(s) in {args.cache}")
+        return 0
+    if args.augment_command == "check":
+        report = check_cache(GenerationCache(args.cache), cleanup=args.cleanup)
+        print(json.dumps(report, indent=2, default=str))
+        return 0 if not report.get("problems") else 1
+    from fsdiff.api import open_source
+    from fsdiff.augment.controls import parse_condition
+    from fsdiff.augment.generate import GenerationConfig, load_generator
+    from fsdiff.augment.pregenerate import pregenerate, process_device, resolve_shard
+
+    kind, n = parse_condition(args.condition)
+    shard = resolve_shard(_parse_shard(args.shard))
+    source = open_source(args.dataset, args.root, fold=args.fold, split=args.split, ann=args.ann, splits_dir=args.splits, convention=args.split_convention)
+    gen = load_generator(
+        kind, model=args.sd_model, controlnet=args.controlnet, cache=args.cache,
+        config=GenerationConfig(steps=args.steps, seed=args.seed).replace(resolution=args.resolution),
+        device=process_device(None if args.shard is None else shard), lazy=False,
+    )
+    report = pregenerate(source, gen, args.condition, n, cache=gen.cache, shard=shard, progress=not args.no_progress)
+    print(json.dumps(report.as_dict(), indent=2, default=str))
+    for failure in report.failed:
+        print(f"fsdiff: skipped {failure}", file=sys.stderr)
+    return 1 if report.failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fsdiff`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"segment": _cmd_segment, "eval": _cmd_eval, "demo": _cmd_demo}
+    handlers = {"segment": _cmd_segment, "eval": _cmd_eval, "demo": _cmd_demo, "augment": _cmd_augment}
     try:
         return handlers[args.command](args)
     except FsdiffError as exc:
