@@ -1,0 +1,370 @@
+"""The DiffUp segmenter (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182, Sec. III; METHODS.md §4):
+frozen encoder -> BAFT priors per shot -> UAPF fusion -> UQDD sampling from the prior.
+
+Inference for one episode [R = METHODS.md §4.2 reconstruction unless marked]:
+
+1. query and supports are encoded once through a :class:`~fsdiff.features.FeatureCache` (square resize to
+   ``DiffUpConfig.input_size``) by the encoder the checkpoint was trained with, or by any other registered
+   encoder with the same number of levels (the paper's "backbone upgrade without re-training" [P]: BAFT
+   only passes on dimension-free cosines, so nothing learned depends on the backbone's channel widths);
+2. one BAFT prior tensor R_k per spatial shot (mask, box, scribble; points use the scribble type) and,
+   when a CLIP text model is given, one text prior (type ``text``) per query, plus the 1-channel
+   query info (:mod:`fsdiff.methods.diffup.baft`);
+3. UAPF fuses the shots into a logit mean μ and variance σ² on the prior grid;
+4. UQDD samples the mask with DDIM from x_{t*} = √ᾱ_{t*}(2σ(μ)−1) + √(1−ᾱ_{t*})ε, t* by annotation type
+   (the finest present type decides: mask 0.3, scribble 0.5, box 0.6, text 0.8 of T) or adaptive
+   (t* = T(1 − î₀) from DQM), with a fixed seed, so the same seed always gives the same map;
+5. the probability and uncertainty maps (mask resolution) are resized bilinearly to each query's size.
+
+**No evidence** (0 shots and no text model): UAPF's honest output is μ = 0 (p = 0.5) with σ² = its
+``empty_variance``; the segmenter does not run the diffusion on it and returns p = 0.5 everywhere with
+uncertainty 1.0 everywhere (so ``p > threshold`` is empty at the default threshold 0.5: nothing is
+claimed without evidence).
+
+Checkpoint layout (``save_diffup`` / ``load_diffup``)::
+
+    DIR/diffup.json                                   DiffUpConfig, encoder name, training provenance
+    DIR/uapf/config.json, DIR/uapf/diffusion_pytorch_model.safetensors
+    DIR/uqdd/config.json, DIR/uqdd/diffusion_pytorch_model.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsdiff.episode import Episode
+from fsdiff.errors import FsdiffError
+from fsdiff.features import Encoder, FeatureCache, build_encoder
+from fsdiff.io import atomic_path
+from fsdiff.methods.diffup.baft import (
+    DEFAULT_CLIP,
+    TextPrior,
+    load_text_prior,
+    prior_type,
+    query_extra,
+    replicate_text,
+    shot_prior,
+    support_region,
+)
+from fsdiff.methods.diffup.config import DiffUpConfig
+from fsdiff.methods.diffup.schedule import make_generator
+from fsdiff.methods.diffup.uapf import UAPF
+from fsdiff.methods.diffup.uqdd import UQDD
+
+FORMAT = "fsdiff-diffup"
+FORMAT_VERSION = 1
+CONFIG_FILE = "diffup.json"
+MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
+EXPECTED_FILES = (CONFIG_FILE,) + tuple(f"{sub}/{f}" for sub in ("uapf", "uqdd") for f in MODEL_FILES)
+"""Every file a DiffUp checkpoint directory must hold."""
+TRAIN_HINT = (
+    "train one with `fsdiff train diffup --out DIR ...` or in Python with "
+    "fsdiff.train.train(fsdiff.methods.diffup.training.DiffUpTrainable(source), DIR, steps=...) and pass "
+    "DIR/final"
+)
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------------------------------
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, (Path, os.PathLike)):
+        return str(obj)
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def save_diffup(
+    directory: str | os.PathLike, config: DiffUpConfig, uapf: UAPF, uqdd: UQDD, meta: Mapping[str, Any]
+) -> Path:
+    """Write a DiffUp checkpoint (see the module docstring); ``meta`` must name the ``encoder``."""
+    if not isinstance(config, DiffUpConfig):
+        raise FsdiffError(f"save_diffup: config must be a DiffUpConfig, got {type(config).__name__}.")
+    meta = dict(meta or {})
+    encoder = meta.pop("encoder", None)
+    if not isinstance(encoder, str) or not encoder:
+        raise FsdiffError(
+            "save_diffup: meta must name the 'encoder' the priors were computed with (e.g. 'efficientnet-lite0')."
+        )
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    uapf.save_pretrained(out / "uapf", safe_serialization=True)
+    uqdd.save_pretrained(out / "uqdd", safe_serialization=True)
+    doc = {"format": FORMAT, "version": FORMAT_VERSION, "encoder": encoder, "config": config.to_dict(),
+           "provenance": meta}
+    try:
+        text = json.dumps(doc, indent=2, default=_jsonable)
+    except TypeError as exc:
+        raise FsdiffError(f"save_diffup: meta is not JSON serialisable ({exc}).") from None
+    with atomic_path(out / CONFIG_FILE) as tmp:
+        tmp.write_text(text + "\n", encoding="utf-8")
+    return out
+
+
+def check_checkpoint(directory: str | os.PathLike) -> Path:
+    """Raise an FsdiffError unless ``directory`` holds a complete DiffUp checkpoint; return it as a Path."""
+    if directory is None:
+        raise FsdiffError(f"DiffUp needs checkpoint=DIR, a trained checkpoint directory; {TRAIN_HINT}.")
+    d = Path(directory).expanduser()
+    expected = ", ".join(EXPECTED_FILES)
+    if not d.is_dir():
+        raise FsdiffError(
+            f"DiffUp checkpoint directory {d} does not exist; it must hold {expected}. "
+            f"{TRAIN_HINT[0].upper()}{TRAIN_HINT[1:]}."
+        )
+    if (d / "final" / CONFIG_FILE).is_file() and not (d / CONFIG_FILE).is_file():
+        d = d / "final"  # a training output directory: use its final weights
+    missing = [f for f in EXPECTED_FILES if not (d / f).is_file()]
+    if missing:
+        raise FsdiffError(
+            f"DiffUp checkpoint {d} is incomplete: missing {', '.join(missing)} (a checkpoint holds {expected}); "
+            f"{TRAIN_HINT}."
+        )
+    return d
+
+
+def load_diffup(
+    directory: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[DiffUpConfig, UAPF, UQDD, dict]:
+    """Read a DiffUp checkpoint: (config, UAPF, UQDD, meta) with ``meta['encoder']`` and the provenance."""
+    d = check_checkpoint(directory)
+    try:
+        doc = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FsdiffError(f"{d / CONFIG_FILE} is not valid JSON ({exc}); re-save the checkpoint.") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
+        raise FsdiffError(
+            f"{d / CONFIG_FILE} is not a DiffUp checkpoint description (format {FORMAT!r}); {TRAIN_HINT}."
+        )
+    known = set(DiffUpConfig.__dataclass_fields__)
+    unknown = sorted(set(doc["config"]) - known)
+    if unknown:
+        raise FsdiffError(
+            f"{d / CONFIG_FILE} has config fields this fsdiff does not know ({', '.join(unknown)}); it was written by "
+            "a newer fsdiff: upgrade fsdiff."
+        )
+    config = DiffUpConfig(**doc["config"])
+    try:
+        uapf = UAPF.from_pretrained(d / "uapf").to(device).eval()
+        uqdd = UQDD.from_pretrained(d / "uqdd").to(device).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise FsdiffError(
+            f"cannot load the DiffUp weights in {d} ({str(exc).splitlines()[0]}); re-save or re-train it."
+        ) from None
+    if int(uapf.config.prior_channels) != config.prior_channels:
+        raise FsdiffError(
+            f"{d}: UAPF expects {uapf.config.prior_channels} prior channels but the config gives "
+            f"{config.prior_channels}; the checkpoint is inconsistent, re-save it."
+        )
+    meta = {"encoder": str(doc.get("encoder", "")), **dict(doc.get("provenance") or {})}
+    return config, uapf, uqdd, meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared preprocessing (training uses the same functions)
+# ----------------------------------------------------------------------------------------------------
+def rgb_at(image: np.ndarray, size: int) -> np.ndarray:
+    """An RGB uint8 image resized to (size, size) (area filter when shrinking), as uint8 (3, size, size)."""
+    shrink = image.shape[0] * image.shape[1] > size * size
+    interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    arr = cv2.resize(np.ascontiguousarray(image), (size, size), interpolation=interp)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def rgb_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """uint8 (3, h, w) -> float (3, h, w) in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(rgb)).float().div_(255.0)
+
+
+@dataclass
+class DiffUpPrediction:
+    """One query's DiffUp output at the query's resolution: ``prob`` and ``uncertainty`` float32 (H, W) in
+    [0, 1], the start step ``t_start`` and the annotation ``types`` that were fused."""
+
+    prob: np.ndarray
+    uncertainty: np.ndarray
+    t_start: int
+    types: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the segmenter
+# ----------------------------------------------------------------------------------------------------
+class DiffUpSegmenter:
+    """DiffUp: BAFT priors -> UAPF -> UQDD diffusion from the prior (see the module docstring)."""
+
+    name = "diffup"
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        encoder: str | Encoder | None = None,
+        steps: int | None = None,
+        start: str = "prior",
+        adaptive: bool | None = None,
+        seed: int = 0,
+        threshold: float = 0.5,
+        text_model: str | TextPrior | None = None,
+        device: str | torch.device = "cpu",
+        precision: str | None = None,
+        cache: FeatureCache | None = None,
+    ) -> None:
+        """Load ``checkpoint`` (a directory from :func:`save_diffup` or a training output with ``final/``).
+
+        ``encoder``: None = the checkpoint's encoder; any registered name (or an Encoder) swaps it.
+        ``steps``: DDIM steps (default: the config's 10). ``start``: 'prior' (start at t*) or 'noise'
+        (start at T). ``adaptive``: DQM-adaptive t* (default: the config's ``adaptive_start``).
+        ``text_model``: a CLIP hub id / directory (or 'auto' = the default CLIP if it is in the local
+        cache) for the text prior; None = no text prior.
+        """
+        self.checkpoint = check_checkpoint(checkpoint)
+        self.device = torch.device(device)
+        self.config, self.uapf, self.uqdd, self.meta = load_diffup(self.checkpoint, self.device)
+        cfg = self.config
+        if cfg.query_extra_channels not in (0, 1):
+            raise FsdiffError(
+                f"DiffUp checkpoint {self.checkpoint}: query_extra_channels={cfg.query_extra_channels}, but BAFT "
+                "provides exactly one query-info map; re-train with query_extra_channels=1."
+            )
+        trained_with = self.meta.get("encoder") or ""
+        if encoder is None:
+            if not trained_with:
+                raise FsdiffError(f"DiffUp checkpoint {self.checkpoint} does not name its encoder; pass encoder=NAME.")
+            encoder = trained_with
+        if isinstance(encoder, str):
+            encoder = build_encoder(encoder, device=self.device, precision=precision)
+        if not isinstance(encoder, Encoder):
+            raise FsdiffError(f"encoder must be an encoder name or an fsdiff Encoder, got {type(encoder).__name__}.")
+        if int(encoder.levels) != cfg.prior_levels:
+            raise FsdiffError(
+                f"encoder {encoder.name} gives {encoder.levels} feature levels but this DiffUp checkpoint needs "
+                f"{cfg.prior_levels} (its priors have {cfg.prior_channels} channels = levels x "
+                f"{cfg.prior_maps_per_level}); "
+                "use an encoder with the same number of levels (every built-in and 'hf:' encoder has 3)."
+            )
+        self.encoder = encoder
+        self.trained_encoder = trained_with
+        if start not in ("prior", "noise"):
+            raise FsdiffError(f"start must be 'prior' or 'noise', got {start!r}.")
+        self.start = start
+        self.adaptive = bool(cfg.adaptive_start if adaptive is None else adaptive)
+        if self.adaptive and self.uqdd.dqm is None:
+            raise FsdiffError("adaptive=True needs DQM, but this checkpoint was trained with use_dqm=False.")
+        self.steps = int(cfg.ddim_steps if steps is None else steps)
+        if self.steps < 1:
+            raise FsdiffError(f"steps must be >= 1, got {steps!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise FsdiffError(f"seed must be an integer, got {seed!r}.")
+        self.seed = int(seed)
+        if not 0.0 < float(threshold) < 1.0:
+            raise FsdiffError(f"threshold must lie strictly between 0 and 1, got {threshold!r}.")
+        self.threshold = float(threshold)
+        if isinstance(text_model, str):
+            name = DEFAULT_CLIP if text_model == "auto" else text_model
+            text_model = load_text_prior(name, device=self.device, download=False if text_model == "auto" else None,
+                                         required=text_model != "auto")
+        self.text = text_model
+        self.cache = cache if cache is not None else FeatureCache()
+
+    # ------------------------------------------------------------------------------------------------
+    def _features(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
+        feats = self.cache.features(self.encoder, list(images), self.config.input_size)
+        return [[t.to(self.device) for t in f] for f in feats]
+
+    def episode_priors(self, episode: Episode) -> list[dict[str, Any]]:
+        """Per query: BAFT ``priors`` (K, C, h, w), ``types`` (K names), ``query_extra`` (1, h, w), ``query_rgb``."""
+        if not isinstance(episode, Episode):
+            raise FsdiffError(f"predict expects an fsdiff Episode, got {type(episode).__name__}.")
+        cfg = self.config
+        size = cfg.prior_size
+        spatial = [s for s in episode.shots if s.annotation.kind != "text"]
+        for s in spatial:
+            prior_type(s.annotation.kind)  # rejects unknown kinds with a clear error
+        images = [s.image for s in spatial] + [q.image for q in episode.queries]
+        feats = self._features(images)
+        sup_feats, qry_feats = feats[: len(spatial)], feats[len(spatial):]
+        regions = [support_region(s.annotation, s.shape) for s in spatial]
+        out = []
+        with torch.inference_mode():
+            for query, qf in zip(episode.queries, qry_feats):
+                priors, types = [], []
+                for s, sf, reg in zip(spatial, sup_feats, regions):
+                    priors.append(shot_prior(qf, sf, reg, size))
+                    types.append(prior_type(s.annotation.kind))
+                if self.text is not None:
+                    tp = self.text.prior(query.image, episode.class_name, size).to(self.device)
+                    priors.append(replicate_text(tp, cfg.prior_channels))
+                    types.append("text")
+                c = cfg.prior_channels
+                stacked = torch.stack(priors) if priors else torch.zeros(0, c, size, size, device=self.device)
+                out.append(dict(
+                    priors=stacked, types=tuple(types), query_extra=query_extra(qf, size),
+                    query_rgb=rgb_tensor(rgb_at(query.image, cfg.mask_size)).to(self.device),
+                ))
+        return out
+
+    @torch.inference_mode()
+    def predict_with_uncertainty(self, episode: Episode) -> list[DiffUpPrediction]:
+        """Probability and uncertainty maps (float32 (H, W) in [0, 1]) for every query of ``episode``."""
+        if not isinstance(episode, Episode):
+            raise FsdiffError(f"predict expects an fsdiff Episode, got {type(episode).__name__}.")
+        cfg = self.config
+        results = []
+        for query, item in zip(episode.queries, self.episode_priors(episode)):
+            types = item["types"]
+            h, w = query.shape
+            if not types:  # no evidence: UAPF's honest output, p = 0.5, maximal uncertainty
+                results.append(DiffUpPrediction(np.full((h, w), 0.5, np.float32), np.ones((h, w), np.float32),
+                                                int(cfg.num_train_timesteps), ()))
+                continue
+            priors = item["priors"][None]
+            ids = torch.tensor([[cfg.type_id(t) for t in types]], device=self.device)
+            fused = self.uapf(priors, ids, torch.ones_like(ids, dtype=torch.bool))
+            extra = item["query_extra"][None] if cfg.query_extra_channels else None
+            kwargs: dict[str, Any] = {}
+            if self.start == "noise":
+                kwargs["start"] = "noise"
+            elif self.adaptive:
+                kwargs["adaptive"] = True
+            else:
+                kwargs["annotation_types"] = [list(types)]
+            sample = self.uqdd.sample(
+                fused.mu, fused.var, item["query_rgb"][None], extra, steps=self.steps,
+                eta=float(cfg.ddim_eta), generator=make_generator(self.seed), size=(cfg.mask_size, cfg.mask_size),
+                **kwargs,
+            )
+            prob = F.interpolate(sample.prob.float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            unc = F.interpolate(sample.uncertainty.float(), size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            results.append(DiffUpPrediction(
+                prob.clamp(0, 1).cpu().numpy().astype(np.float32), unc.clamp(0, 1).cpu().numpy().astype(np.float32),
+                int(sample.t_start[0]), tuple(types),
+            ))
+        return results
+
+    def predict(self, episode: Episode) -> list[np.ndarray]:
+        """Foreground probability (float32 (H, W) in [0, 1]) for every query, at the query's resolution."""
+        return [p.prob for p in self.predict_with_uncertainty(episode)]
+
+
+def build_diffup(**kwargs: Any) -> DiffUpSegmenter:
+    """The registry factory: ``DiffUpSegmenter(**kwargs)``; ``checkpoint=DIR`` is required."""
+    if kwargs.get("checkpoint") is None:
+        raise FsdiffError(
+            f"method 'diffup' needs checkpoint=DIR (CLI: --checkpoint DIR), a trained DiffUp checkpoint; {TRAIN_HINT}."
+        )
+    return DiffUpSegmenter(**kwargs)

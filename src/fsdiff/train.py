@@ -1,0 +1,547 @@
+"""The one trainer of fsdiff: every trainable method (DiffUp now, DiffSeg later) plugs in through the
+:class:`Trainable` interface and is trained by :func:`train` (METHODS.md §4.2 "Training": AdamW,
+lr 1e-4, weight decay 1e-2, cosine decay; §5 engineering notes).
+
+* **Accelerate**: runs through :class:`accelerate.Accelerator` (one process here; ``accelerate launch``
+  for multi-GPU / multi-node with no code change). Batch generation is sharded by process index (each
+  process draws its own episodes from ``(seed, step, process_index)``); gradients are averaged across
+  processes with one all-reduce per step (the models are not wrapped in DDP, so a trainable's loss can
+  call its models and read their configs directly); only the main process writes files.
+* **Optimisation**: AdamW (weight decay on weights with >= 2 dims only; biases, norms and embeddings of
+  size 1-D are not decayed), linear warm-up then cosine decay to 0 (``schedule='cosine'``) or a
+  constant rate, gradient clipping at ``max_grad_norm``, optional bf16/fp16 autocast
+  (``mixed_precision``).
+* **Randomness**: the batch of step s comes from ``derive_rng(seed, 'batch', s, process)`` and the
+  loss's torch generator from ``derive_rng(seed, 'loss', s, process)``, so a run is a pure function of
+  its seed; ``train`` seeds the global torch / numpy / Python RNGs (dropout, anything implicit) from the
+  seed as well and checkpoints their states.
+* **Checkpoints**: ``out_dir/checkpoint-STEP/`` holds the trainable's ``save()`` output (models as
+  ``config.json`` + ``*.safetensors``) plus ``trainer_state.json`` (scalars) and
+  ``trainer_state.safetensors`` (optimizer moments, RNG states): **no pickle anywhere**; the optimizer
+  and scheduler ``state_dict`` are flattened by :func:`flatten_state` (tensors to safetensors, the rest
+  to JSON with tagged tuples / int-keyed dicts). Each checkpoint is written under a temporary name and
+  renamed when complete, so a crash never leaves a half-written ``checkpoint-STEP``. ``out_dir/final/``
+  holds the trainable's ``save()`` output at the end; ``out_dir/train_log.jsonl`` one JSON line per
+  ``log_every`` steps (step, mean losses, lr, grad norm, seconds/step).
+* **Resume** (``resume=True``): restarts from the latest complete checkpoint and reaches the same final
+  weights as an uninterrupted run with the same seed.
+
+The :class:`Trainable` convention: ``modules()`` names the trained ``diffusers.ModelMixin`` models, and
+``save(dir, meta)`` writes each of them with ``save_pretrained`` to ``dir/<name>/`` (the trainer reloads
+them from there on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from fsdiff.errors import FsdiffError
+from fsdiff.io import atomic_path
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+LOG_FILE = "train_log.jsonl"
+FINAL = "final"
+SCHEDULES = ("cosine", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What :func:`train` needs from a method (see the module docstring for the save convention)."""
+
+    name: str
+
+    def modules(self) -> dict[str, Any]:
+        """The trained models by name (``diffusers.ModelMixin``; saved to ``DIR/<name>/``)."""
+        ...
+
+    def make_batch(self, step: int, rng: np.random.Generator, batch_size: int) -> dict[str, Any]:
+        """One training batch (a dict of tensors) drawn only from ``rng``."""
+        ...
+
+    def loss(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """``{'loss': scalar with grad, **scalar parts}``; every random draw from ``generator``."""
+        ...
+
+    def save(self, directory: str | os.PathLike, meta: dict[str, Any]) -> Any:
+        """Write the model checkpoint (each module via ``save_pretrained`` to ``directory/<name>``)."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    """What a :func:`train` call did."""
+
+    out_dir: Path
+    final_dir: Path
+    steps: int
+    start_step: int
+    seconds: float
+    seconds_per_step: float
+    last_loss: float | None
+    log_path: Path
+
+
+# ----------------------------------------------------------------------------------------------------
+# pickle-free state (de)serialisation
+# ----------------------------------------------------------------------------------------------------
+def flatten_state(obj: Any, prefix: str = "state") -> tuple[Any, dict[str, torch.Tensor]]:
+    """(JSON-able skeleton, {key: tensor}) of a nested state: tensors and arrays go to the dict,
+    tuples and dicts with non-string keys are tagged so :func:`unflatten_state` restores them exactly."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            tensors[path] = x.detach().cpu().clone().contiguous()
+            return {"__tensor__": path}
+        if isinstance(x, np.ndarray):
+            dtype = str(x.dtype)
+            arr = x.astype(np.int64) if x.dtype in (np.uint32, np.uint16) else x
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(arr).copy())
+            return {"__ndarray__": path, "dtype": dtype}
+        if isinstance(x, (np.integer,)):
+            return int(x)
+        if isinstance(x, (np.floating,)):
+            return float(x)
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in x):
+                return {k: walk(v, f"{path}.{k}") for k, v in x.items()}
+            items = []
+            for i, (k, v) in enumerate(x.items()):
+                if not isinstance(k, (str, int, float, bool)) and k is not None:
+                    raise FsdiffError(f"cannot serialise state key {k!r} of type {type(k).__name__} at {path}.")
+                items.append([k, walk(v, f"{path}.{i}")])
+            return {"__dict__": items}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise FsdiffError(f"cannot serialise a {type(x).__name__} at {path} without pickle.")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`flatten_state`."""
+
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]].clone()
+            if "__ndarray__" in x:
+                return tensors[x["__ndarray__"]].numpy().astype(np.dtype(x["dtype"]))
+            if "__tuple__" in x:
+                return tuple(walk(v) for v in x["__tuple__"])
+            if "__dict__" in x:
+                return {k: walk(v) for k, v in x["__dict__"]}
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(skeleton)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global torch (CPU and CUDA), numpy and Python RNG states."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_states(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_states` returned (CUDA states only where CUDA is available)."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+def derive_rng(seed: int, *keys: str | int) -> np.random.Generator:
+    """A numpy Generator determined by ``seed`` and ``keys`` (stable across runs, processes and machines)."""
+    digest = hashlib.sha256("\x1f".join(str(k) for k in keys).encode("utf-8")).digest()
+    words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
+    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
+
+
+def lr_lambda(schedule: str, steps: int, warmup: int):
+    """The learning-rate multiplier per step: linear warm-up, then cosine decay to 0 or constant."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return float(step + 1) / float(warmup)
+        if schedule == "constant":
+            return 1.0
+        span = max(1, steps - warmup)
+        progress = min(1.0, max(0.0, (step - warmup) / span))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> tuple[int, Path] | None:
+    """(step, path) of the latest complete ``checkpoint-STEP`` in ``out_dir``, or None."""
+    d = Path(out_dir)
+    if not d.is_dir():
+        return None
+    best = None
+    for p in d.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir() and (p / STATE_JSON).is_file() and (p / STATE_TENSORS).is_file():
+            step = int(m.group(1))
+            if best is None or step > best[0]:
+                best = (step, p)
+    return best
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished temporary directory onto ``target`` (replacing an old one)."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if trash.exists():
+            shutil.rmtree(trash)
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _fresh_tmp(out_dir: Path, name: str) -> Path:
+    tmp = out_dir / f".{name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _load_modules(modules: Mapping[str, torch.nn.Module], directory: Path) -> None:
+    """Load each module's weights from ``directory/<name>/*.safetensors`` (strict)."""
+    for name, module in modules.items():
+        files = sorted((directory / name).glob("*.safetensors"))
+        if not files:
+            raise FsdiffError(
+                f"checkpoint {directory} has no {name}/*.safetensors; the trainable's save() must write each "
+                f"module with save_pretrained to DIR/{name}/. Delete the checkpoint or start with resume=False."
+            )
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise FsdiffError(
+                f"checkpoint {directory}/{name} does not fit the model being trained ({str(exc).splitlines()[0]}); "
+                "resume only with the same configuration, or use a new out_dir."
+            ) from None
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < minimum:
+        raise FsdiffError(f"train: {name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _make_accelerator(mixed_precision: str):
+    """A new Accelerator; an earlier one in this process with another precision is reset first."""
+    from accelerate import Accelerator
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision)
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "already been initialized" in str(exc):
+            try:  # a second train() call in one process (notebook, tests) with another precision
+                from accelerate.state import AcceleratorState
+
+                AcceleratorState._reset_state()
+                return Accelerator(mixed_precision=mixed_precision)
+            except (ValueError, RuntimeError, AttributeError):
+                pass
+        raise FsdiffError(
+            f"train: cannot set up mixed_precision={mixed_precision!r} here ({first}); on a CPU use 'no' or 'bf16', "
+            "'fp16' needs a GPU."
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------
+def train(
+    trainable: Trainable,
+    out_dir: str | os.PathLike,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    weight_decay: float = 1e-2,
+    schedule: str = "cosine",
+    warmup: int = 0,
+    seed: int = 0,
+    save_every: int = 0,
+    resume: bool = True,
+    log_every: int = 10,
+    mixed_precision: str = "no",
+    max_grad_norm: float | None = 1.0,
+    keep_last: int | None = None,
+    progress: bool = True,
+    accelerator: Any = None,
+    num_threads: int | None = None,
+) -> TrainResult:
+    """Train ``trainable`` for ``steps`` optimizer steps into ``out_dir`` (see the module docstring).
+
+    ``save_every``: write ``checkpoint-STEP`` every that many steps and at the end (0 = only ``final/``).
+    ``keep_last``: keep only the newest N checkpoints (None = all). ``accelerator``: an existing
+    ``accelerate.Accelerator`` (default: a new one with ``mixed_precision``). ``num_threads``: torch CPU
+    threads during training (restored afterwards; 1 is fastest on a CPU shared with other jobs).
+    """
+    for attr in ("modules", "make_batch", "loss", "save"):
+        if not callable(getattr(trainable, attr, None)):
+            raise FsdiffError(f"train: the trainable {type(trainable).__name__} has no {attr}() method.")
+    steps = _check_int("steps", steps, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    save_every = _check_int("save_every", save_every, 0)
+    log_every = _check_int("log_every", log_every, 1)
+    seed = _check_int("seed", seed, 0)
+    if keep_last is not None:
+        keep_last = _check_int("keep_last", keep_last, 1)
+    if schedule not in SCHEDULES:
+        raise FsdiffError(f"train: schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if mixed_precision not in MIXED_PRECISION:
+        raise FsdiffError(f"train: mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}.")
+    if not (float(lr) > 0 and math.isfinite(float(lr))) or float(weight_decay) < 0:
+        raise FsdiffError(f"train: need lr > 0 and weight_decay >= 0, got lr={lr!r}, weight_decay={weight_decay!r}.")
+    if max_grad_norm is not None and not float(max_grad_norm) > 0:
+        raise FsdiffError(f"train: max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
+    if num_threads is not None:
+        num_threads = _check_int("num_threads", num_threads, 1)
+        before = torch.get_num_threads()
+        torch.set_num_threads(num_threads)
+        try:
+            return train(trainable, out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         schedule=schedule, warmup=warmup, seed=seed, save_every=save_every, resume=resume,
+                         log_every=log_every, mixed_precision=mixed_precision, max_grad_norm=max_grad_norm,
+                         keep_last=keep_last, progress=progress, accelerator=accelerator)
+        finally:
+            torch.set_num_threads(before)
+
+    if accelerator is None:
+        accelerator = _make_accelerator(mixed_precision)
+    main = accelerator.is_main_process
+    proc = int(accelerator.process_index)
+    device = accelerator.device
+    out = Path(out_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for pattern in (".checkpoint-*.tmp-*", f".{FINAL}.tmp-*"):  # leftovers of a crashed save
+            for p in out.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    modules = dict(trainable.modules())
+    if not modules:
+        raise FsdiffError(f"train: {type(trainable).__name__}.modules() returned no model to train.")
+    for m in modules.values():
+        m.to(device)
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    if not params:
+        raise FsdiffError("train: the trainable's modules have no parameter that requires a gradient.")
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, warmup))
+    optimizer = accelerator.prepare(optimizer)
+
+    settings = dict(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
+                    schedule=schedule, warmup=warmup, seed=seed, max_grad_norm=max_grad_norm,
+                    mixed_precision=mixed_precision, num_processes=int(accelerator.num_processes))
+
+    start_step = 0
+    # Global RNGs (dropout, anything implicit) start from the seed too; a resume restores them below.
+    global_seed = int(derive_rng(seed, "global", proc).integers(0, 2**32 - 1))
+    torch.manual_seed(global_seed)
+    np.random.seed(global_seed)
+    random.seed(global_seed)
+    found = latest_checkpoint(out) if resume else None
+    if found is not None:
+        start_step, ckpt = found
+        doc = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(ckpt / STATE_TENSORS))
+        saved = doc.get("settings", {})
+        for key in ("seed", "batch_size", "schedule", "warmup", "lr"):
+            if key in saved and saved[key] != settings[key]:
+                raise FsdiffError(
+                    f"train: {ckpt} was written with {key}={saved[key]!r} but this run asks for {settings[key]!r}; "
+                    "resume with the same settings, or pass resume=False / a new out_dir."
+                )
+        if start_step > steps:
+            raise FsdiffError(f"train: {ckpt} is already past steps={steps}; ask for at least {start_step} steps.")
+        _load_modules(modules, ckpt)
+        optimizer.load_state_dict(unflatten_state(doc["optimizer"], tensors))
+        scheduler.load_state_dict(unflatten_state(doc["scheduler"], tensors))
+        rng = doc.get("rng", {}).get(str(proc)) or doc.get("rng", {}).get("0")
+        if rng is not None:
+            set_rng_states(unflatten_state(rng, tensors))
+    log_path = out / LOG_FILE
+    if main:
+        kept = []
+        if log_path.is_file() and start_step > 0:
+            for line in log_path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= start_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    continue
+        with atomic_path(log_path) as tmp:
+            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+    def save_checkpoint(step: int) -> None:
+        opt_skel, opt_t = flatten_state(optimizer.state_dict(), "optimizer")
+        sch_skel, sch_t = flatten_state(scheduler.state_dict(), "scheduler")
+        rng_skel, rng_t = flatten_state(rng_states(), f"rng{proc}")
+        gathered = [(rng_skel, rng_t)]
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            gathered = gather_object([(rng_skel, rng_t)])
+        if main:
+            tmp = _fresh_tmp(out, f"checkpoint-{step}")
+            trainable.save(tmp, {"step": step, "trainer": settings})
+            tensors = {**opt_t, **sch_t}
+            rng_doc = {}
+            for i, (skel, t) in enumerate(gathered):
+                rng_doc[str(i)] = skel
+                tensors.update(t)
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            doc = {"format": "fsdiff-trainer-state", "version": 1, "step": step, "settings": settings,
+                   "optimizer": opt_skel, "scheduler": sch_skel, "rng": rng_doc}
+            (tmp / STATE_JSON).write_text(json.dumps(doc) + "\n", encoding="utf-8")
+            _replace_dir(tmp, out / f"checkpoint-{step}")
+            if keep_last is not None:
+                ckpts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT_RE.match(p.name)))
+                for _, p in ckpts[:-keep_last]:
+                    shutil.rmtree(p, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    bar = tqdm(total=steps, initial=start_step, desc=f"train {getattr(trainable, 'name', 'model')}", unit="step",
+               disable=not (progress and main), file=sys.stderr, dynamic_ncols=True)
+    t_start = time.perf_counter()
+    window: dict[str, list[float]] = {}
+    last_loss: float | None = None
+    step_times: list[float] = []
+    try:
+        for step in range(start_step, steps):
+            t0 = time.perf_counter()
+            rng = derive_rng(seed, "batch", step, proc)
+            batch = _to_device(trainable.make_batch(step, rng, batch_size), device)
+            t_data = time.perf_counter() - t0
+            gen = torch.Generator()
+            gen.manual_seed(int(derive_rng(seed, "loss", step, proc).integers(0, 2**63 - 1)))
+            for m in modules.values():
+                m.train()
+            with accelerator.autocast():
+                losses = trainable.loss(batch, gen)
+            loss = losses["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                raise FsdiffError(
+                    f"train: the loss became {float(loss.detach())} at step {step}; lower lr (now {lr}) or check "
+                    f"the data; the last good checkpoint is {latest_checkpoint(out)}."
+                )
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                flat = torch.cat([p.grad.reshape(-1) for p in params])
+                flat = accelerator.reduce(flat, reduction="mean")
+                offset = 0
+                for p in params:
+                    n = p.numel()
+                    p.grad.copy_(flat[offset:offset + n].view_as(p))
+                    offset += n
+            grad_norm = None
+            if max_grad_norm is not None:
+                grad_norm = float(accelerator.clip_grad_norm_(params, float(max_grad_norm)))
+            cur_lr = float(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            step_times.append(dt)
+            last_loss = float(loss.detach())
+            for k, v in losses.items():
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    window.setdefault(k, []).append(float(v.detach()))
+            window.setdefault("data_s", []).append(t_data)
+            window.setdefault("sec_per_step", []).append(dt)
+            if grad_norm is not None:
+                window.setdefault("grad_norm", []).append(grad_norm)
+            done = step + 1
+            bar.update(1)
+            if main:
+                bar.set_postfix(loss=f"{last_loss:.4f}", s_step=f"{dt:.2f}", refresh=False)
+            if done % log_every == 0 or done == steps:
+                if main:
+                    rec = {"step": done, "lr": cur_lr, **{k: float(np.mean(v)) for k, v in window.items()},
+                           "elapsed_s": time.perf_counter() - t_start}
+                    with open(log_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                window = {}
+            if save_every and (done % save_every == 0 or done == steps):
+                save_checkpoint(done)
+    finally:
+        bar.close()
+
+    final = out / FINAL
+    if main:
+        tmp = _fresh_tmp(out, FINAL)
+        trainable.save(tmp, {"step": steps, "trainer": settings})
+        _replace_dir(tmp, final)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - t_start
+    return TrainResult(
+        out_dir=out, final_dir=final, steps=steps, start_step=start_step, seconds=seconds,
+        seconds_per_step=float(np.mean(step_times)) if step_times else 0.0, last_loss=last_loss, log_path=log_path,
+    )
+
+
+__all__ = ["Trainable", "TrainResult", "derive_rng", "flatten_state", "latest_checkpoint", "lr_lambda", "rng_states",
+           "set_rng_states", "train", "unflatten_state"]

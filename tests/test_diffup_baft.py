@@ -1,0 +1,228 @@
+"""DiffUp BAFT (METHODS.md §4.2 reconstruction): priors against hand computation on tiny tensors,
+backbone independence of the channel count, sparse-annotation regions, query info, the CLIP text prior."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsdiff.episode import BoxAnnotation, MaskAnnotation, PointsAnnotation, ScribbleAnnotation, TextAnnotation
+from fsdiff.errors import FsdiffError
+from fsdiff.features import Encoder
+from fsdiff.methods.diffup.baft import (
+    dilate_region,
+    level_priors,
+    load_text_prior,
+    prior_type,
+    query_extra,
+    replicate_text,
+    shot_prior,
+    support_region,
+)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-6))
+
+
+def _minmax(x: np.ndarray) -> np.ndarray:
+    return (x - x.min()) / max(x.max() - x.min(), 1e-6)
+
+
+def _hand_level(q: np.ndarray, s: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """[P_proto, P_pix] of one level by loops: weighted prototype, max over cells with w >= max(w)/2."""
+    c, h, wd = q.shape
+    proto = (s * w[None]).sum(axis=(1, 2)) / (w.sum() + 1e-6)
+    cells = [(y, x) for y in range(s.shape[1]) for x in range(s.shape[2]) if w[y, x] >= 0.5 * w.max()]
+    out = np.zeros((2, h, wd))
+    for y in range(h):
+        for x in range(wd):
+            out[0, y, x] = _cos(q[:, y, x], proto)
+            out[1, y, x] = max(_cos(q[:, y, x], s[:, yy, xx]) for yy, xx in cells)
+    return out
+
+
+@pytest.fixture
+def levels():
+    g = torch.Generator().manual_seed(0)
+    # three levels at strides 1, 2, 4 of an 8x8 "image", with different channel widths
+    q = [torch.randn(5, 8, 8, generator=g), torch.randn(7, 4, 4, generator=g), torch.randn(3, 2, 2, generator=g)]
+    s = [torch.randn(5, 8, 8, generator=g), torch.randn(7, 4, 4, generator=g), torch.randn(3, 2, 2, generator=g)]
+    return q, s
+
+
+def test_level_priors_match_loops(levels):
+    q, s = levels
+    w = torch.zeros(8, 8)
+    w[2:5, 3:7] = 1.0
+    w[5, 3] = 0.3  # a partly covered cell: in the prototype, not in the pixel-max set
+    got = level_priors(q[0], s[0], w).numpy()
+    np.testing.assert_allclose(got, _hand_level(q[0].numpy(), s[0].numpy(), w.numpy()), atol=1e-5)
+
+
+def test_shot_prior_is_minmaxed_levels_resized_in_order(levels):
+    q, s = levels
+    region = np.zeros((8, 8), bool)
+    region[1:6, 2:7] = True
+    got = shot_prior(q, s, region, 8)
+    assert got.shape == (6, 8, 8) and float(got.min()) >= 0 and float(got.max()) <= 1
+    for lv in range(3):
+        grid = tuple(s[lv].shape[-2:])
+        # area weights: the fraction of each cell inside the region
+        w = F.interpolate(torch.from_numpy(region).float()[None, None], size=grid, mode="area")[0, 0].numpy()
+        raw = _hand_level(q[lv].numpy(), s[lv].numpy(), w)
+        norm = np.stack([_minmax(raw[0]), _minmax(raw[1])])
+        exp = F.interpolate(torch.from_numpy(norm).float()[None], size=(8, 8), mode="bilinear",
+                            align_corners=False)[0].numpy()
+        np.testing.assert_allclose(got[2 * lv: 2 * lv + 2].numpy(), exp, atol=1e-5)  # [proto, pix] per level
+    # the finest level is already at the prior grid: exactly the min-max maps, reaching 0 and 1
+    assert got[0].min() == pytest.approx(0.0, abs=1e-6) and got[0].max() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(FsdiffError, match="levels"):
+        shot_prior(q[:2], s, region, 8)
+
+
+def test_query_extra_by_hand(levels):
+    q, _ = levels
+    deep = q[-1].numpy()
+    unit = deep / np.linalg.norm(deep, axis=0, keepdims=True)
+    mean = unit.reshape(3, -1).mean(axis=1)
+    cos = np.array([[_cos(deep[:, y, x], mean) for x in range(2)] for y in range(2)])
+    exp = F.interpolate(torch.from_numpy(_minmax(cos)).float()[None, None], size=(4, 4), mode="bilinear",
+                        align_corners=False)[0].numpy()
+    got = query_extra(q, 4)
+    assert got.shape == (1, 4, 4)
+    np.testing.assert_allclose(got.numpy(), exp, atol=1e-5)
+
+
+class FakeEncoder(Encoder):
+    """A random 3-level conv encoder (strides 8/16/32) of configurable channel widths."""
+
+    def __init__(self, widths: tuple[int, int, int], seed: int = 0, levels: int = 3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.name = f"fake-{'-'.join(map(str, widths))}"
+        self.levels = levels
+        self.strides = (8, 16, 32)[:levels]
+        self.channels = tuple(widths[:levels])
+        self.convs = torch.nn.ModuleList()
+        cin = 3
+        for i, w in enumerate(widths[:levels]):
+            self.convs.append(torch.nn.Conv2d(cin, w, 3, stride=8 if i == 0 else 2, padding=1))
+            cin = w
+        self.freeze()
+
+    def forward(self, x):
+        out = []
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+            out.append(x)
+        return out
+
+
+def test_channel_count_does_not_depend_on_backbone_widths():
+    rng = np.random.default_rng(0)
+    qi = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    si = rng.integers(0, 255, (60, 50, 3), dtype=np.uint8)
+    region = np.zeros((60, 50), bool)
+    region[10:40, 5:30] = True
+    shapes = []
+    for widths in ((4, 8, 16), (64, 3, 100)):
+        enc = FakeEncoder(widths)
+        qf, sf = enc.encode(qi, 96), enc.encode(si, 96)
+        assert [f.shape[0] for f in qf] == list(widths)
+        pr = shot_prior(qf, sf, region, 12)
+        ex = query_extra(qf, 12)
+        assert torch.all((pr >= 0) & (pr <= 1)) and torch.all((ex >= 0) & (ex <= 1))
+        shapes.append((tuple(pr.shape), tuple(ex.shape)))
+    assert shapes[0] == shapes[1] == ((6, 12, 12), (1, 12, 12))
+
+
+def test_regions_for_each_annotation_kind():
+    shape = (100, 200)
+    mask = np.zeros(shape, np.uint8)
+    mask[20:60, 30:90] = 1
+    assert np.array_equal(support_region(MaskAnnotation(mask), shape), mask == 1)
+    box = support_region(BoxAnnotation((30, 20, 90, 60)), shape)
+    assert box.sum() == 40 * 60 and box[20, 30] and not box[19, 30]
+    strokes = np.zeros(shape, np.uint8)
+    strokes[40, 40:80] = 1
+    sc = support_region(ScribbleAnnotation(strokes), shape)
+    r = max(1, round(0.01 * 200))  # dilated by 1 % of the long side = 2 px
+    assert sc[40 - r, 60] and sc[40 + r, 60] and not sc[40 - r - 1, 60] and sc.sum() > (strokes == 1).sum()
+    assert np.array_equal(dilate_region(strokes == 1), sc)
+    pts = support_region(PointsAnnotation(np.array([[50.0, 40.0]]), np.array([1])), shape)
+    assert pts[40, 50] and prior_type("points") == "scribble"
+    assert [prior_type(k) for k in ("mask", "box", "scribble", "text")] == ["mask", "box", "scribble", "text"]
+    with pytest.raises(FsdiffError, match="spatial region"):
+        support_region(TextAnnotation(), shape)
+    with pytest.raises(FsdiffError, match="cannot use"):
+        prior_type("polygon")
+
+
+def test_replicate_text():
+    t = torch.rand(1, 3, 4)
+    r = replicate_text(t, 6)
+    assert r.shape == (6, 3, 4) and all(torch.equal(r[i], t[0]) for i in range(6))
+
+
+# --- text prior with a tiny local CLIP ---------------------------------------------------------------
+
+
+def make_tiny_clip(root) -> str:
+    """A random tiny CLIPModel + a character-level CLIP tokenizer saved to ``root/clip``."""
+    transformers = pytest.importorskip("transformers")
+    d = root / "clip"
+    d.mkdir(parents=True, exist_ok=True)
+    vocab = {c: i for i, c in enumerate(string.ascii_lowercase)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(string.ascii_lowercase)})
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = 52, 53
+    (d / "vocab.json").write_text(json.dumps(vocab))
+    (d / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=54, bos_token_id=52, eos_token_id=53),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           patch_size=16, image_size=64),
+        projection_dim=8))
+    clip.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return make_tiny_clip(tmp_path_factory.mktemp("clipdir"))
+
+
+def test_text_prior_from_tiny_clip(tiny_clip):
+    tp = load_text_prior(tiny_clip, size=96, required=True)
+    img = np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8)
+    dense = tp.dense_features(img)
+    assert dense.shape == (8, 6, 6)  # projection dim 8, 96 / 16 = 6 patches a side
+    torch.testing.assert_close(dense.norm(dim=0), torch.ones(6, 6))
+    prior = tp.prior(img, "cat", 12)
+    assert prior.shape == (1, 12, 12) and float(prior.min()) >= 0 and float(prior.max()) <= 1
+    # by hand: cos of the dense features with the unit text embedding, min-max, bilinear
+    t = tp.text_embedding("cat")
+    cos = torch.einsum("dhw,d->hw", dense, t)
+    exp = F.interpolate(((cos - cos.min()) / (cos.max() - cos.min()))[None, None], size=(12, 12), mode="bilinear",
+                        align_corners=False)[0]
+    torch.testing.assert_close(prior, exp.clamp(0, 1))
+    assert not torch.allclose(tp.prior(img, "dog", 12), prior)  # the class name matters
+    value = load_text_prior(tiny_clip, size=96, dense="value", required=True)
+    assert value.prior(img, "cat", 12).shape == (1, 12, 12)
+
+
+def test_text_prior_absent_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert load_text_prior("nobody/no-such-clip-model") is None
+    assert load_text_prior(None) is None
+    with pytest.raises(FsdiffError, match="CLIP"):
+        load_text_prior(str(tmp_path / "missing-dir"), required=True)
