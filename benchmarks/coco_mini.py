@@ -38,7 +38,10 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", help="extra segmenter argument")
     ap.add_argument("--out", default="runs/bench")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     extra = {}
     for kv in args.method_arg:
         k, v = kv.split("=", 1)

@@ -125,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "check":
             v.add_argument("--cleanup", action="store_true", help="delete leftovers of interrupted writes")
 
+    p = sub.add_parser("train", help="train a method on a benchmark's base classes (accelerate launch for several GPUs)")
+    p.add_argument("method_name", choices=["diffup"], metavar="METHOD", help="the method to train: diffup")
+    _add_source_args(p)
+    p.add_argument("--all-classes", action="store_true", help="train on every class (no held-out fold), e.g. for a deployment model")
+    p.add_argument("--encoder", default="efficientnet-lite0", help="frozen encoder (default efficientnet-lite0)")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=250, help="write a resumable checkpoint every N steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core CPU)")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder: checkpoint-STEP/, final/, train_log.jsonl (re-running resumes)")
+    p.add_argument("--no-progress", action="store_true")
+
     p = sub.add_parser("demo", help="segment the bundled example images and write overlays")
     p.add_argument("--out", default="fsdiff-demo", metavar="DIR", help="output folder (default: ./fsdiff-demo)")
     _add_method_args(p)
@@ -272,11 +288,26 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fsdiff.api import open_source
+    from fsdiff.methods.diffup.training import train_diffup
+
+    fold = None if args.all_classes else args.fold
+    source = open_source(args.dataset, args.root, fold=fold, split="trn", ann=args.ann, splits_dir=args.splits, convention=args.split_convention)
+    result = train_diffup(
+        source, args.out, encoder=args.encoder, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        warmup=args.warmup, save_every=args.save_every, progress=not args.no_progress, num_threads=args.threads,
+        mixed_precision=args.mixed_precision,
+    )
+    print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); weights in {result.final_dir}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fsdiff`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"segment": _cmd_segment, "eval": _cmd_eval, "demo": _cmd_demo, "augment": _cmd_augment}
+    handlers = {"segment": _cmd_segment, "eval": _cmd_eval, "demo": _cmd_demo, "augment": _cmd_augment, "train": _cmd_train}
     try:
         return handlers[args.command](args)
     except FsdiffError as exc:

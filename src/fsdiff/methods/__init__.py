@@ -8,7 +8,8 @@ from fsdiff.registry import Registry
 
 METHODS: Registry[Segmenter] = Registry("method")
 """Registered segmenters: ``prototype`` (training-free baseline), ``diffseg-prior`` (training-free
-Kandinsky attention prior), ``diffseg`` (DiffSeg with a trained PAM/SCM checkpoint)."""
+Kandinsky attention prior), ``diffseg`` (DiffSeg with a trained PAM/SCM checkpoint), ``diffup`` (DiffUp
+mask diffusion on backbone-agnostic priors, with a trained checkpoint)."""
 
 
 @METHODS.register("prototype")
@@ -16,6 +17,13 @@ def _build_prototype(**kwargs) -> Segmenter:
     from fsdiff.methods.prototype import PrototypeSegmenter
 
     return PrototypeSegmenter(**kwargs)
+
+
+@METHODS.register("diffup")
+def _build_diffup(**kwargs) -> Segmenter:
+    from fsdiff.methods.diffup.segmenter import build_diffup
+
+    return build_diffup(**kwargs)
 
 
 @METHODS.register("diffseg-prior")
