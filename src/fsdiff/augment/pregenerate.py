@@ -90,6 +90,30 @@ def check_shard(shard: Sequence[int]) -> tuple[int, int]:
     return index, count
 
 
+def _partial_state() -> Any:
+    """accelerate's PartialState for this process, on gloo when there is no GPU.
+
+    ``PartialState()`` only picks the multi-CPU (gloo) backend when built with ``cpu=True``: under torchrun
+    (``accelerate launch --multi_gpu --num_processes N`` on a machine without a GPU) it would otherwise report a
+    single process, and every process would do all the work.
+    """
+    import torch
+    from accelerate import PartialState
+
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
+    state = PartialState(cpu=flag or not torch.cuda.is_available())
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    if world > 1 and int(state.num_processes) != world:
+        raise FsdiffError(
+            f"WORLD_SIZE={world} but accelerate reports {state.num_processes} process(es); refusing to shard "
+            "(every process would do all the work). Pass --shard I/N explicitly."
+        )
+    return state
+
+
 def resolve_shard(shard: Sequence[int] | str | None = None) -> tuple[int, int]:
     """The (index, count) of this process: explicit, accelerate's PartialState, or (0, 1) for a single process."""
     if shard is not None and not isinstance(shard, str):
@@ -101,9 +125,7 @@ def resolve_shard(shard: Sequence[int] | str | None = None) -> tuple[int, int]:
     except ValueError:
         world = 1
     if shard == "accelerate" or world > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = _partial_state()
         return int(state.process_index), int(state.num_processes)
     return 0, 1
 
@@ -115,18 +137,14 @@ def process_device(shard: Sequence[int] | str | None = None) -> Any:
     except ValueError:
         world = 1
     if shard == "accelerate" or (shard is None and world > 1):
-        from accelerate import PartialState
-
-        return PartialState().device
+        return _partial_state().device
     return None
 
 
 def _barrier() -> None:
     """Wait for every process when running under accelerate (no-op otherwise)."""
     if "accelerate" in sys.modules:
-        from accelerate import PartialState
-
-        state = PartialState()
+        state = _partial_state()
         if state.num_processes > 1:
             state.wait_for_everyone()
 
