@@ -126,14 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
             v.add_argument("--cleanup", action="store_true", help="delete leftovers of interrupted writes")
 
     p = sub.add_parser("train", help="train a method on a benchmark's base classes (accelerate launch for several GPUs)")
-    p.add_argument("method_name", choices=["diffup"], metavar="METHOD", help="the method to train: diffup")
+    p.add_argument("method_name", choices=["diffup", "diffseg"], metavar="METHOD", help="the method to train: diffup or diffseg")
     _add_source_args(p)
     p.add_argument("--all-classes", action="store_true", help="train on every class (no held-out fold), e.g. for a deployment model")
-    p.add_argument("--encoder", default="efficientnet-lite0", help="frozen encoder (default efficientnet-lite0)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--encoder", default="efficientnet-lite0", help="diffup: frozen encoder (default efficientnet-lite0)")
+    p.add_argument("--prior", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 prior (default kandinsky-community/kandinsky-2-2-prior)")
+    p.add_argument("--decoder", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 decoder (default kandinsky-community/kandinsky-2-2-decoder)")
+    p.add_argument("--input-size", type=int, default=None, help="diffseg: image size (default 512)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: diffup 1000; diffseg 200 epochs)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: diffup 8, diffseg 4")
+    p.add_argument("--lr", type=float, default=None, help="default: diffup 3e-4 (AdamW), diffseg 0.01 (SGD)")
+    p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--save-every", type=int, default=250, help="write a resumable checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core CPU)")
@@ -290,15 +293,22 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from fsdiff.api import open_source
-    from fsdiff.methods.diffup.training import train_diffup
 
     fold = None if args.all_classes else args.fold
     source = open_source(args.dataset, args.root, fold=fold, split="trn", ann=args.ann, splits_dir=args.splits, convention=args.split_convention)
-    result = train_diffup(
-        source, args.out, encoder=args.encoder, seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        warmup=args.warmup, save_every=args.save_every, progress=not args.no_progress, num_threads=args.threads,
-        mixed_precision=args.mixed_precision,
-    )
+    common = dict(seed=args.seed, save_every=args.save_every, progress=not args.no_progress, num_threads=args.threads,
+                  mixed_precision=args.mixed_precision)
+    given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr), ("warmup", args.warmup)) if v is not None}
+    if args.method_name == "diffup":
+        from fsdiff.methods.diffup.training import train_diffup
+
+        result = train_diffup(source, args.out, encoder=args.encoder, **common, **given)
+    else:
+        from fsdiff.methods.diffseg.config import DiffSegConfig
+        from fsdiff.methods.diffseg.training import train_diffseg
+
+        overrides = {k: v for k, v in (("prior_model", args.prior), ("decoder_model", args.decoder), ("input_size", args.input_size)) if v is not None}
+        result = train_diffseg(source, args.out, config=DiffSegConfig(**overrides), **common, **given)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); weights in {result.final_dir}")
     return 0
 

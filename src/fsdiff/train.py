@@ -7,10 +7,12 @@ lr 1e-4, weight decay 1e-2, cosine decay; §5 engineering notes).
   process draws its own episodes from ``(seed, step, process_index)``); gradients are averaged across
   processes with one all-reduce per step (the models are not wrapped in DDP, so a trainable's loss can
   call its models and read their configs directly); only the main process writes files.
-* **Optimisation**: AdamW (weight decay on weights with >= 2 dims only; biases, norms and embeddings of
-  size 1-D are not decayed), linear warm-up then cosine decay to 0 (``schedule='cosine'``) or a
-  constant rate, gradient clipping at ``max_grad_norm``, optional bf16/fp16 autocast
-  (``mixed_precision``).
+* **Optimisation**: AdamW (``optimizer='adamw'``, the default) or SGD with momentum
+  (``optimizer='sgd'``, ``momentum``; DiffSeg's recipe, METHODS.md §3.5), weight decay on weights with
+  >= 2 dims only (biases, norms and embeddings of size 1-D are not decayed), linear warm-up then cosine
+  decay to 0 (``schedule='cosine'``), a constant rate, or StepLR (``schedule='step'``: the rate is
+  multiplied by ``gamma`` every ``step_size`` optimizer steps after the warm-up), gradient clipping at
+  ``max_grad_norm``, optional bf16/fp16 autocast (``mixed_precision``).
 * **Randomness**: the batch of step s comes from ``derive_rng(seed, 'batch', s, process)`` and the
   loss's torch generator from ``derive_rng(seed, 'loss', s, process)``, so a run is a pure function of
   its seed; ``train`` seeds the global torch / numpy / Python RNGs (dropout, anything implicit) from the
@@ -59,9 +61,12 @@ STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 LOG_FILE = "train_log.jsonl"
 FINAL = "final"
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
+OPTIMIZERS = ("adamw", "sgd")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_DEFAULT_SETTINGS: dict[str, Any] = {"optimizer": "adamw"}
+"""Settings a checkpoint written before they existed (or with their default) implicitly had."""
 
 
 @runtime_checkable
@@ -190,14 +195,19 @@ def derive_rng(seed: int, *keys: str | int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
 
 
-def lr_lambda(schedule: str, steps: int, warmup: int):
-    """The learning-rate multiplier per step: linear warm-up, then cosine decay to 0 or constant."""
+def lr_lambda(schedule: str, steps: int, warmup: int, step_size: int | None = None, gamma: float = 0.1):
+    """The learning-rate multiplier per step: linear warm-up, then cosine decay to 0, constant, or
+    ``schedule='step'``: ``gamma ** ((step - warmup) // step_size)`` (torch's StepLR, counted after the warm-up)."""
+    if schedule == "step" and (step_size is None or int(step_size) < 1):
+        raise FsdiffError(f"train: schedule='step' needs step_size >= 1 (optimizer steps), got {step_size!r}.")
 
     def f(step: int) -> float:
         if warmup > 0 and step < warmup:
             return float(step + 1) / float(warmup)
         if schedule == "constant":
             return 1.0
+        if schedule == "step":
+            return float(gamma) ** ((step - warmup) // int(step_size))  # type: ignore[arg-type]
         span = max(1, steps - warmup)
         progress = min(1.0, max(0.0, (step - warmup) / span))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -323,6 +333,10 @@ def train(
     progress: bool = True,
     accelerator: Any = None,
     num_threads: int | None = None,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
+    step_size: int | None = None,
+    gamma: float = 0.1,
 ) -> TrainResult:
     """Train ``trainable`` for ``steps`` optimizer steps into ``out_dir`` (see the module docstring).
 
@@ -330,6 +344,8 @@ def train(
     ``keep_last``: keep only the newest N checkpoints (None = all). ``accelerator``: an existing
     ``accelerate.Accelerator`` (default: a new one with ``mixed_precision``). ``num_threads``: torch CPU
     threads during training (restored afterwards; 1 is fastest on a CPU shared with other jobs).
+    ``optimizer``: 'adamw' (betas 0.9/0.999) or 'sgd' (with ``momentum``). ``schedule='step'``: multiply the
+    rate by ``gamma`` every ``step_size`` optimizer steps (after ``warmup``).
     """
     for attr in ("modules", "make_batch", "loss", "save"):
         if not callable(getattr(trainable, attr, None)):
@@ -344,6 +360,14 @@ def train(
         keep_last = _check_int("keep_last", keep_last, 1)
     if schedule not in SCHEDULES:
         raise FsdiffError(f"train: schedule must be one of {SCHEDULES}, got {schedule!r}.")
+    if optimizer not in OPTIMIZERS:
+        raise FsdiffError(f"train: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}.")
+    if not 0.0 <= float(momentum) < 1.0:
+        raise FsdiffError(f"train: momentum must lie in [0, 1), got {momentum!r}.")
+    if schedule == "step":
+        step_size = _check_int("step_size", step_size, 1)
+        if not 0.0 < float(gamma) <= 1.0:
+            raise FsdiffError(f"train: gamma must lie in (0, 1], got {gamma!r}.")
     if mixed_precision not in MIXED_PRECISION:
         raise FsdiffError(f"train: mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}.")
     if not (float(lr) > 0 and math.isfinite(float(lr))) or float(weight_decay) < 0:
@@ -358,7 +382,8 @@ def train(
             return train(trainable, out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          schedule=schedule, warmup=warmup, seed=seed, save_every=save_every, resume=resume,
                          log_every=log_every, mixed_precision=mixed_precision, max_grad_norm=max_grad_norm,
-                         keep_last=keep_last, progress=progress, accelerator=accelerator)
+                         keep_last=keep_last, progress=progress, accelerator=accelerator, optimizer=optimizer,
+                         momentum=momentum, step_size=step_size, gamma=gamma)
         finally:
             torch.set_num_threads(before)
 
@@ -386,13 +411,21 @@ def train(
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, warmup))
+    opt_name = optimizer
+    if opt_name == "sgd":
+        optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=float(lr), momentum=float(momentum))
+    else:
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, warmup, step_size, gamma))
     optimizer = accelerator.prepare(optimizer)
 
     settings = dict(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
                     schedule=schedule, warmup=warmup, seed=seed, max_grad_norm=max_grad_norm,
                     mixed_precision=mixed_precision, num_processes=int(accelerator.num_processes))
+    if opt_name != "adamw":
+        settings.update(optimizer=opt_name, momentum=float(momentum))
+    if schedule == "step":
+        settings.update(step_size=step_size, gamma=float(gamma))
 
     start_step = 0
     # Global RNGs (dropout, anything implicit) start from the seed too; a resume restores them below.
@@ -406,10 +439,13 @@ def train(
         doc = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
         tensors = load_file(str(ckpt / STATE_TENSORS))
         saved = doc.get("settings", {})
-        for key in ("seed", "batch_size", "schedule", "warmup", "lr"):
-            if key in saved and saved[key] != settings[key]:
+        for key in ("seed", "batch_size", "schedule", "warmup", "lr", "optimizer", "momentum", "step_size", "gamma"):
+            if key not in saved and key not in _DEFAULT_SETTINGS:
+                continue
+            was, now = saved.get(key, _DEFAULT_SETTINGS.get(key)), settings.get(key, _DEFAULT_SETTINGS.get(key))
+            if was != now:
                 raise FsdiffError(
-                    f"train: {ckpt} was written with {key}={saved[key]!r} but this run asks for {settings[key]!r}; "
+                    f"train: {ckpt} was written with {key}={was!r} but this run asks for {now!r}; "
                     "resume with the same settings, or pass resume=False / a new out_dir."
                 )
         if start_step > steps:
@@ -543,5 +579,5 @@ def train(
     )
 
 
-__all__ = ["Trainable", "TrainResult", "derive_rng", "flatten_state", "latest_checkpoint", "lr_lambda", "rng_states",
-           "set_rng_states", "train", "unflatten_state"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "Trainable", "TrainResult", "derive_rng", "flatten_state", "latest_checkpoint",
+           "lr_lambda", "rng_states", "set_rng_states", "train", "unflatten_state"]
