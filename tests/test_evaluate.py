@@ -271,3 +271,29 @@ def test_format_table():
                                     progress=False)], [7])
     t1 = format_table(one)
     assert "± std" not in t1 and "no queries" in t1
+
+
+def test_calibrated_threshold_uses_base_classes_only(shared_data, tmp_path):
+    """--calibrate-threshold picks the threshold on the fold's training classes and records it."""
+    from fsdiff.api import evaluate_benchmark
+
+    class Constant:
+        """Predicts 0.3 on the ground-truth object and 0.1 elsewhere: only thresholds in [0.1, 0.3) are perfect."""
+
+        name = "constant"
+        threshold = 0.5
+        seen: set = set()
+
+        def predict(self, episode):
+            Constant.seen.add(episode.class_id)
+            return [np.where(q.gt == 1, 0.3, 0.1).astype(np.float32) for q in episode.queries]
+
+    seg = Constant()
+    summary, _ = evaluate_benchmark("coco", shared_data / "coco-mini", fold=0, shots=1, episodes=5, segmenter=seg,
+                                    calibrate_threshold=4, progress=False)
+    cal = summary["threshold_calibrated_on"]
+    assert cal["split"] == "trn" and cal["episodes"] == 4
+    assert 0.1 <= seg.threshold < 0.3 and summary["miou"] > 0
+    novel = set(range(0, 80, 4))  # interleaved fold 0 test classes: indexes 4m
+    calibration_classes = Constant.seen - novel
+    assert calibration_classes, "calibration must have used base classes"

@@ -245,6 +245,24 @@ def with_augmentation(
     return AugmentedSegmenter(segmenter, Augmenter(gen, spec, per_shot=per_shot))
 
 
+def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, progress) -> dict:
+    """Choose ``seg.threshold`` on ``n`` HSNet-protocol episodes (seed 1) of the fold's base classes."""
+    from fsdiff.data.sampler import build_episode, sample_episodes
+    from fsdiff.evaluate import choose_threshold
+
+    if n < 1:
+        raise FsdiffError(f"--calibrate-threshold {n}: give a positive number of validation episodes.")
+    if dataset == "folder":
+        raise FsdiffError("--calibrate-threshold needs a benchmark with base classes (coco, pascal, fss1000), not a folder.")
+    base = open_source(dataset, root, fold=fold, split="trn", ann=ann, splits_dir=splits_dir, convention=convention)
+    base.classes = [(c, name) for c, name in base.classes if len(base.images_of_class(c)) > shots]
+    specs = sample_episodes(base, "hsnet", n, shots, 1)
+    names = {c: base.class_name(c) for c in base.class_ids()}
+    episodes = (build_episode(base, spec, names.get(spec.class_id)) for spec in specs)
+    threshold = choose_threshold(seg, episodes)
+    return {"split": "trn", "episodes": n, "seed": 1, "threshold": threshold}
+
+
 def evaluate_benchmark(
     dataset: str,
     root: str | os.PathLike,
@@ -263,6 +281,7 @@ def evaluate_benchmark(
     episode_list: str | os.PathLike | None = None,
     save_episodes: str | os.PathLike | None = None,
     skip_small_classes: bool = False,
+    calibrate_threshold: int = 0,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     segmenter=None,
@@ -270,6 +289,8 @@ def evaluate_benchmark(
     """Score a method on one benchmark fold; write summary.json and per_class.csv to ``out``.
 
     Returns the summary dict (``miou``/``fbiou`` in percent, mean and std over seeds) and the text table.
+    ``calibrate_threshold=N`` first sets the segmenter's threshold to the one maximising mIoU on N episodes
+    of the fold's *base* (training) classes, so the novel test classes are never used to tune it.
     """
     from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
     from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
@@ -289,6 +310,9 @@ def evaluate_benchmark(
             raise FsdiffError(f"no class of {dataset} fold {fold} has more than {shots} images; lower --shots.")
         source.classes = keep
     seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
+    calibrated = None
+    if calibrate_threshold:
+        calibrated = _calibrate(seg, dataset, root, fold, shots, int(calibrate_threshold), ann, splits_dir, convention, progress)
     class_ids = source.class_ids()
     names = {c: source.class_name(c) for c in class_ids}
 
@@ -331,6 +355,7 @@ def evaluate_benchmark(
         "resolution": resolution,
         "convention": convention if dataset == "coco" else None,
         "classes_skipped": skipped,
+        "threshold_calibrated_on": calibrated,
     }
     if out is not None:
         write_report(out, summary, None, meta)

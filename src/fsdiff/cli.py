@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="original", help="score at the 'original' label size or a fixed size such as 400 (HSNet)")
     p.add_argument("--episode-list", default=None, metavar="FILE", help="score on the episodes in this file instead of sampling")
     p.add_argument("--save-episodes", default=None, metavar="FILE", help="write the sampled episodes to this file")
+    p.add_argument("--calibrate-threshold", type=int, default=0, metavar="N", help="choose the decision threshold on N episodes of the fold's base classes first")
     p.add_argument("--skip-small-classes", action="store_true", help="leave out classes with no more images than --shots (small datasets); they are listed in summary.json")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and per_class.csv")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -224,6 +225,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         episode_list=args.episode_list,
         save_episodes=args.save_episodes,
         skip_small_classes=args.skip_small_classes,
+        calibrate_threshold=args.calibrate_threshold,
         out=args.out,
         progress=not args.no_progress,
         segmenter=seg,

@@ -28,13 +28,12 @@ import torch.nn.functional as F
 from fsdiff.diffusion.loading import KandinskyParts
 from fsdiff.episode import Episode
 from fsdiff.errors import FsdiffError
+from fsdiff.evaluate import DEFAULT_CANDIDATES, choose_threshold  # noqa: F401  (re-exported)
 from fsdiff.methods.diffseg.config import DiffSegConfig
 from fsdiff.methods.diffseg.model import DiffSegModel, DiffSegOutput, image_to_tensor, load_diffseg_model, \
     support_tensors
 
 _ALIASES = {"prior": "prior_model", "decoder": "decoder_model"}
-DEFAULT_CANDIDATES = tuple(round(0.05 * i, 2) for i in range(1, 20))
-"""Thresholds tried by :func:`choose_threshold` by default: 0.05, 0.10, ..., 0.95."""
 
 
 def _config_from(base: DiffSegConfig | None, checkpoint: str | os.PathLike[str] | None,
@@ -151,43 +150,6 @@ class DiffSegSegmenter(_DiffSegBase):
     def _maps(self, out: DiffSegOutput) -> torch.Tensor:
         assert out.prob is not None
         return out.prob
-
-
-def choose_threshold(segmenter: Any, episodes: Iterable[Episode],
-                     candidates: Sequence[float] = DEFAULT_CANDIDATES) -> float:
-    """The candidate threshold maximising mIoU (fsdiff.metrics.FssMeter) over validation ``episodes``.
-
-    Predictions are computed once per episode; ties go to the candidate closest to 0.5. The segmenter's
-    ``threshold`` attribute is set to the winner, which is also returned.
-    """
-    from fsdiff.metrics import FssMeter
-
-    cands = [float(c) for c in candidates]
-    if not cands or any(not 0.0 <= c <= 1.0 for c in cands):
-        raise FsdiffError(f"choose_threshold: candidates must be a non-empty list in [0, 1], got {list(candidates)}.")
-    records: list[tuple[int, np.ndarray, np.ndarray]] = []
-    for ep in episodes:
-        preds = segmenter.predict(ep)
-        for query, prob in zip(ep.queries, preds):
-            if query.gt is None:
-                raise FsdiffError(
-                    f"choose_threshold: query {query.image_id or '(unnamed)'} of episode "
-                    f"{ep.episode_id or '(unnamed)'} has no ground truth; validation episodes need it."
-                )
-            records.append((int(ep.class_id), prob, query.gt))
-    if not records:
-        raise FsdiffError("choose_threshold: no validation episodes given.")
-    class_ids = sorted({c for c, _, _ in records})
-    best, best_score = cands[0], -1.0
-    for c in sorted(cands, key=lambda v: (abs(v - 0.5), v)):
-        meter = FssMeter(class_ids)
-        for cid, prob, gt in records:
-            meter.update(cid, prob > c, gt)
-        score = meter.miou()
-        if score > best_score + 1e-12:
-            best, best_score = c, score
-    segmenter.threshold = best
-    return best
 
 
 __all__ = ["DEFAULT_CANDIDATES", "DiffSegPriorSegmenter", "DiffSegSegmenter", "choose_threshold"]
