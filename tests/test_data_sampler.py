@@ -174,6 +174,9 @@ class _TableSource(FewShotSource):
     def query_items(self) -> list[tuple[str, int]]:
         return [(k, c) for k, p in self.pixels.items() for c in sorted(p)]
 
+    def load(self, image_key: str, class_id: int):
+        raise AssertionError("BAM sampling must work from the pixel counts alone, without loading images")
+
 
 PIXELS = {
     "i0": {1: 5000, 2: 100},

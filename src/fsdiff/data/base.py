@@ -8,6 +8,8 @@ benchmark sampler (:mod:`fsdiff.data.sampler`) only talks to this interface.
 
 from __future__ import annotations
 
+import abc
+
 import os
 from pathlib import Path
 
@@ -22,7 +24,7 @@ SPLITS_ENV = "FSDIFF_SPLITS"
 HSNET_SPLITS_URL = "https://github.com/juhongm999/hsnet (folder data/splits)"
 
 
-class FewShotSource:
+class FewShotSource(abc.ABC):
     """One dataset in one fold and split: classes, per-class image lists, query pairs, loading."""
 
     name: str = ""
@@ -38,17 +40,17 @@ class FewShotSource:
         self.classes = []
 
     # -- the interface ---------------------------------------------------------------------
+    @abc.abstractmethod
     def images_of_class(self, class_id: int) -> list[str]:
         """Image keys holding ``class_id``, in the reference (stable) order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def query_items(self) -> list[tuple[str, int]]:
         """The (image key, class id) query pairs in the reference order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def load(self, image_key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         """The RGB uint8 image and its {0, 1, 255} uint8 mask for ``class_id``."""
-        raise NotImplementedError
 
     # -- defaults --------------------------------------------------------------------------
     def class_ids(self) -> list[int]:

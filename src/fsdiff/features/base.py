@@ -9,6 +9,8 @@ parameter requires a gradient, the module is always in eval mode, and ``train(Tr
 
 from __future__ import annotations
 
+import abc
+
 from collections.abc import Sequence
 
 import cv2
@@ -47,7 +49,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-class Encoder(nn.Module):
+class Encoder(nn.Module, abc.ABC):
     """A frozen multi-level image encoder.
 
     Subclasses set ``name``, ``levels``, ``strides`` (one per level), ``channels`` (one per level),
@@ -107,9 +109,9 @@ class Encoder(nn.Module):
         x = (x - mean) / std
         return x.to(device=self.device, dtype=self.dtype)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, h, w) normalised images -> ``levels`` maps (B, C_l, h/s_l, w/s_l), shallow to deep."""
-        raise NotImplementedError
 
     def extract(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Run :meth:`forward` without autograd (under ``autocast_dtype`` if set); float32 contiguous maps."""

@@ -17,6 +17,8 @@ foreground masks with ``annotation.regions`` (mask, box, scribble or points; Dif
 
 from __future__ import annotations
 
+import abc
+
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -47,7 +49,7 @@ def _config_from(base: DiffSegConfig | None, checkpoint: str | os.PathLike[str] 
     return cfg.updated(**opts) if opts else cfg
 
 
-class _DiffSegBase:
+class _DiffSegBase(abc.ABC):
     """Shared episode handling: resize, encode the supports once, run the queries in chunks."""
 
     name = "diffseg-base"
@@ -88,8 +90,9 @@ class _DiffSegBase:
     def _default_threshold(self) -> float:
         return float(self.config.threshold)
 
+    @abc.abstractmethod
     def _maps(self, out: DiffSegOutput) -> torch.Tensor:
-        raise NotImplementedError
+        """The (B, 1, h, w) probability maps this segmenter reads from the model output."""
 
     def _decode(self) -> bool:
         return True
