@@ -35,3 +35,22 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def write_folder_dataset(root: Path, n: int = 4, height: int = 48, width: int = 48) -> Path:
+    """A user-folder dataset (images/x{i}.png + masks/x{i}.png): a red box object on dark noise, seeded."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    y0, y1, x0, x1 = height // 4, 3 * height // 4, width // 4, 3 * width // 4
+    for i in range(n):
+        img = rng.integers(0, 80, (height, width, 3), dtype=np.uint8)
+        img[y0:y1, x0:x1] = (205, 55, 40)
+        Image.fromarray(img).save(root / "images" / f"x{i}.png")
+        mask = np.zeros((height, width), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        Image.fromarray(mask).save(root / "masks" / f"x{i}.png")
+    return root

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_folder_dataset
 from fsdiff.cli import main
 
 pytest.importorskip("transformers")
@@ -22,16 +21,8 @@ def tiny_models(tmp_path_factory):
 
 
 def _folder(root, n=2):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = rng.integers(0, 80, (40, 56, 3), dtype=np.uint8)
-        img[10:30, 14:42] = (210, 60, 40)
-        Image.fromarray(img).save(root / "images" / f"x{i}.png")
-        m = np.zeros((40, 56), np.uint8)
-        m[10:30, 14:42] = 255
-        Image.fromarray(m).save(root / "masks" / f"x{i}.png")
+    write_folder_dataset(root, n, 40, 56)
+
 
 
 def test_generate_list_check_then_segment_from_cache(tmp_path, capsys, tiny_models):

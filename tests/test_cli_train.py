@@ -6,24 +6,16 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_folder_dataset
 from fsdiff.cli import main
 
 pytest.importorskip("transformers")
 
 
 def _folder(root, n=4):
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        img = rng.integers(0, 80, (48, 48, 3), dtype=np.uint8)
-        img[12:36, 10:30] = (200, 50, 40)
-        Image.fromarray(img).save(root / "images" / f"x{i}.png")
-        m = np.zeros((48, 48), np.uint8)
-        m[12:36, 10:30] = 255
-        Image.fromarray(m).save(root / "masks" / f"x{i}.png")
+    write_folder_dataset(root, n)
+
 
 
 def test_train_diffseg_on_tiny_kandinsky(tmp_path, capsys):

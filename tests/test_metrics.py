@@ -240,3 +240,16 @@ def test_mean_std_over_seeds():
     assert mean_std([42.0]) == (42.0, 0.0)
     with pytest.raises(FsdiffError):
         mean_std([])
+
+
+def test_binary_iou_single_query():
+    from fsdiff.metrics import binary_iou
+
+    pred = np.array([[1, 1, 0], [0, 0, 0]], bool)
+    fg = np.array([[1, 0, 0], [1, 0, 0]], bool)
+    # inter 1, union 3 -> 1/3; excluding column 0's second row (valid False) -> inter 1, union 2
+    assert binary_iou(pred, fg) == pytest.approx(1 / 3)
+    valid = np.array([[1, 1, 1], [0, 1, 1]], bool)
+    assert binary_iou(pred, fg, valid) == pytest.approx(1 / 2)
+    empty = np.zeros((2, 3), bool)
+    assert binary_iou(empty, empty) == 1.0

@@ -25,7 +25,8 @@ from fsdiff.episode import (
     Shot,
 )
 from fsdiff.errors import FsdiffError
-from fsdiff.io import read_image, read_mask
+from fsdiff.io import IGNORE, read_image, read_mask
+from fsdiff.metrics import binary_iou
 from fsdiff.output import WrittenPrediction, unique_stems, write_prediction
 
 DEFAULT_METHOD = "prototype"
@@ -139,14 +140,6 @@ def segment(
     return results
 
 
-def mask_iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    """IoU of a binary prediction against a {0,1,255} mask, ignore pixels excluded."""
-    valid = gt != 255
-    p, g = pred.astype(bool) & valid, (gt == 1) & valid
-    union = np.logical_or(p, g).sum()
-    return float(np.logical_and(p, g).sum() / union) if union else 1.0
-
-
 @dataclass(frozen=True)
 class DemoResult:
     """One bundled example: its name, the written files and the IoU against the reference mask."""
@@ -175,7 +168,7 @@ def demo(
         ep_out = out_dir / ep["name"]
         for q, r in zip(queries, segment(shots, queries, class_name=ep["class_name"], out=ep_out, segmenter=seg)):
             assert r.files is not None
-            results.append(DemoResult(ep["name"], shots[0].annotation.kind, Path(q.image_id).name, mask_iou(r.mask, q.gt), r.files))
+            results.append(DemoResult(ep["name"], shots[0].annotation.kind, Path(q.image_id).name, binary_iou(r.mask, q.gt == 1, q.gt != IGNORE), r.files))
     return results
 
 

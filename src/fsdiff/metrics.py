@@ -129,6 +129,15 @@ def resize_for_scoring(
     return prob, gt
 
 
+def binary_iou(pred: np.ndarray, fg: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """IoU of two boolean maps over the ``valid`` pixels (1.0 when both are empty there); one query, no guard."""
+    if valid is None:
+        valid = np.ones(fg.shape, bool)
+    inter = np.count_nonzero(pred & fg & valid)
+    union = np.count_nonzero((pred | fg) & valid)
+    return 1.0 if union == 0 else inter / union
+
+
 def intersection_and_union(pred_mask: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-query areas ``(inter[bg, fg], union[bg, fg])`` as int64, ignore (255) pixels excluded."""
     _check_gt(gt, "scoring")

@@ -41,6 +41,7 @@ import numpy as np
 
 from fsdiff.episode import Annotation, Episode, MaskAnnotation, Query, Shot, check_image
 from fsdiff.errors import FsdiffError
+from fsdiff.metrics import binary_iou
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -89,13 +90,8 @@ def reused_regions(annotation: Annotation | np.ndarray, shape: tuple[int, int]) 
 # ----------------------------------------------------------------------------------------------
 
 
-def mask_iou(pred: np.ndarray, fg: np.ndarray, valid: np.ndarray | None = None) -> float:
-    """IoU of two boolean maps over the valid pixels (1.0 when both are empty)."""
-    if valid is None:
-        valid = np.ones(fg.shape, bool)
-    inter = np.count_nonzero(pred & fg & valid)
-    union = np.count_nonzero((pred | fg) & valid)
-    return 1.0 if union == 0 else inter / union
+mask_iou = binary_iou
+"""IoU of two boolean maps over the valid pixels (1.0 when both are empty): :func:`fsdiff.metrics.binary_iou`."""
 
 
 def segment_score(
