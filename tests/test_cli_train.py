@@ -50,3 +50,21 @@ def test_train_diffup_two_steps(tmp_path, capsys):
                  "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     assert (out / "final" / "diffup.json").is_file() and (out / "final" / "uqdd" / "config.json").is_file()
+
+
+def test_train_diffup_config_args(tmp_path, capsys):
+    _folder(tmp_path / "ds")
+    out = tmp_path / "run"
+    base = ["train", "diffup", "--dataset", "folder", "--root", str(tmp_path / "ds"), "--steps", "1", "--batch-size", "1",
+            "--warmup", "0", "--threads", "1", "--no-progress", "--save-every", "0"]
+    code = main(base + ["--config-arg", "query_channels=0", "--config-arg", "input_size=64", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads((out / "final" / "diffup.json").read_text())
+    assert doc["config"]["query_channels"] == 0 and doc["config"]["input_size"] == 64
+    assert doc["config"]["prior_matmul_dtype"] == "bfloat16"  # the rest is the CPU recipe
+    for bad, word in (("no_such_field=1", "no_such_field"), ("query_channels", "KEY=VALUE"),
+                      ("query_channels=-1", "query_channels")):
+        code = main(base + ["--config-arg", bad, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert code == 2 and word in err and "Traceback" not in err
+        assert not (tmp_path / "bad" / "final").exists()

@@ -21,9 +21,12 @@ from fsdiff.methods.diffup.baft import (
     prior_type,
     query_extra,
     replicate_text,
+    contrast_map,
     shot_prior,
     support_region,
+    support_regions,
 )
+from fsdiff.priors import pixel_max_cosine
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -84,6 +87,62 @@ def test_shot_prior_is_minmaxed_levels_resized_in_order(levels):
     assert got[0].min() == pytest.approx(0.0, abs=1e-6) and got[0].max() == pytest.approx(1.0, abs=1e-6)
     with pytest.raises(FsdiffError, match="levels"):
         shot_prior(q[:2], s, region, 8)
+
+
+def test_contrast_maps_by_hand(levels):
+    q, s = levels
+    fg = np.zeros((8, 8), bool)
+    fg[1:6, 2:7] = True
+    bg = ~fg
+    got = shot_prior(q, s, fg, 8, background=bg, maps=("proto", "pix", "contrast"), temperature=0.2,
+                     proto_weight=0.25)
+    assert got.shape == (9, 8, 8)
+    plain = shot_prior(q, s, fg, 8)
+    for lv in range(3):  # proto and pix unchanged, in the same place of each level's triple
+        np.testing.assert_allclose(got[3 * lv: 3 * lv + 2].numpy(), plain[2 * lv: 2 * lv + 2].numpy(), atol=1e-6)
+    grid = tuple(s[1].shape[-2:])
+    wf = F.interpolate(torch.from_numpy(fg).float()[None, None], size=grid, mode="area")[0, 0].numpy()
+    wb = F.interpolate(torch.from_numpy(bg).float()[None, None], size=grid, mode="area")[0, 0].numpy()
+    rf, rb = _hand_level(q[1].numpy(), s[1].numpy(), wf), _hand_level(q[1].numpy(), s[1].numpy(), wb)
+    s_fg, s_bg = 0.25 * rf[0] + 0.75 * rf[1], 0.25 * rb[0] + 0.75 * rb[1]
+    exp = 1 / (1 + np.exp(-(s_fg - s_bg) / 0.2))  # unnormalised: the prototype method's level probability
+    exp = F.interpolate(torch.from_numpy(exp).float()[None, None], size=(8, 8), mode="bilinear",
+                        align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(got[5].numpy(), exp, atol=1e-5)
+    # no background evidence: s_bg is the query-wide mean of s_fg
+    raw = torch.from_numpy(rf).float()
+    no_bg = contrast_map(raw, None, 0.2, 0.25).numpy()
+    np.testing.assert_allclose(no_bg, 1 / (1 + np.exp(-(s_fg - s_fg.mean()) / 0.2)), atol=1e-5)
+    with pytest.raises(FsdiffError, match="unknown prior maps"):
+        shot_prior(q, s, fg, 8, maps=("proto", "edges"))
+
+
+def test_bf16_pixel_max_is_close_to_fp32():
+    g = torch.Generator().manual_seed(3)
+    q, s = torch.randn(16, 12, 12, generator=g), torch.randn(16, 10, 10, generator=g)
+    w = (torch.rand(10, 10, generator=g) > 0.5).float()
+    a = pixel_max_cosine(q, s, w)
+    b = pixel_max_cosine(q, s, w, matmul_dtype=torch.bfloat16)
+    assert b.dtype == torch.float32 and float((a - b).abs().max()) < 0.02 and not torch.equal(a, b)
+
+
+def test_support_regions_background_per_kind():
+    shape = (40, 50)
+    box = BoxAnnotation((10, 5, 30, 25))
+    fg, bg = support_regions(box, shape)
+    assert fg[5:25, 10:30].all() and fg.sum() == 400 and np.array_equal(bg, ~fg)  # outside the box
+    m = np.zeros(shape, np.uint8)
+    m[10:20, 10:20] = 1
+    m[0:3, :] = 255
+    fg, bg = support_regions(MaskAnnotation(m), shape)
+    assert np.array_equal(fg, m == 1) and np.array_equal(bg, m == 0)  # ignore pixels are neither
+    strokes = np.zeros(shape, np.uint8)
+    strokes[20, 10:40] = 1
+    strokes[35, 5:45] = 2  # an explicit background stroke
+    fg, bg = support_regions(ScribbleAnnotation(strokes), shape)
+    assert fg.sum() > 30 and not (fg & bg).any() and bg[35, 5:45].all() and bg.sum() <= 40
+    with pytest.raises(FsdiffError, match="empty foreground"):
+        support_regions(MaskAnnotation(np.zeros(shape, np.uint8)), shape)
 
 
 def test_query_extra_by_hand(levels):

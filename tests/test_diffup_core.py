@@ -41,7 +41,9 @@ def _one_thread():
 
 
 TINY = dict(base_channels=8, cond_channels=8, query_channels=4, dqm_channels=8, attention_head_dim=8,
-            uapf_hidden_channels=8)
+            uapf_hidden_channels=8, prior_maps=("proto", "pix"), uapf_anchor=False, residual_prior=False)
+"""The network-mechanics tests use the plain (6-channel, unanchored, non-residual) layout; the anchor and the
+residual prior have tests of their own below."""
 
 
 def tiny_models(seed: int = 0, **kw) -> tuple[UAPF, UQDD]:
@@ -66,7 +68,9 @@ def cond_inputs(b: int, h: int, w: int, seed: int = 0, extra: int = 1) -> dict:
 # --------------------------------------------------------------------------------------------------
 def test_config_defaults_follow_methods():
     c = DiffUpConfig()
-    assert c.mask_size == 96 and c.prior_size == 48 and c.prior_channels == 6
+    assert c.mask_size == 96 and c.prior_size == 48 and c.prior_channels == 9
+    assert c.prior_maps == ("proto", "pix", "contrast") and c.anchor_channels == [2, 5, 8]
+    assert DiffUpConfig(prior_maps=("proto", "pix"), uapf_anchor=False).prior_channels == 6
     assert c.num_train_timesteps == 1000 and c.ddim_steps == 10 and c.ddim_eta == 0.0
     assert c.start_fractions == {"mask": 0.3, "scribble": 0.5, "box": 0.6, "text": 0.8}
     assert (c.adaptive_min_fraction, c.adaptive_max_fraction) == (0.2, 0.9)
@@ -394,3 +398,56 @@ def test_ablation_switches_run(kw):
     if not m.config.use_dqm:
         with pytest.raises(FsdiffError, match="DQM"):
             m.sample(**c, adaptive=True, steps=2, generator=0, size=16)
+
+
+# --------------------------------------------------------------------------------------------------
+# the prior anchor (UAPF) and the residual prior (UQDD)
+# --------------------------------------------------------------------------------------------------
+def test_uapf_anchor_starts_at_the_contrast_logit_and_learns_a_residual():
+    cfg = DiffUpConfig(**{**TINY, "prior_maps": ("proto", "pix", "contrast"), "uapf_anchor": True})
+    assert cfg.anchor_channels == [2, 5, 8] and cfg.prior_channels == 9
+    torch.manual_seed(0)
+    uapf = UAPF(**cfg.uapf_kwargs())
+    g = torch.Generator().manual_seed(1)
+    priors = torch.rand(2, 2, 9, 6, 6, generator=g)
+    out = uapf(priors, torch.tensor([[0, 1], [2, 0]]), torch.tensor([[True, True], [True, False]]))
+    p = priors[:, :, [2, 5, 8]].mean(2, keepdim=True).clamp(1e-3, 1 - 1e-3)
+    hand = torch.log(p / (1 - p))  # μ_k = logit(mean contrast), s_k = 0 before any training
+    assert torch.allclose(out.mu_k[0], hand[0], atol=1e-5) and torch.allclose(out.mu_k[1, 0], hand[1, 0], atol=1e-5)
+    assert torch.all(out.s_k == 0)
+    assert torch.allclose(out.mu[0], hand[0].mean(0), atol=1e-5)  # equal precisions: the plain mean
+    # the CNN's residual is trainable: one gradient step moves μ away from the anchor
+    loss = uapf.loss(out, torch.ones(2, 1, 6, 6))
+    loss.backward()
+    assert uapf.net[-1].weight.grad is not None and float(uapf.net[-1].weight.grad.abs().sum()) > 0
+    with pytest.raises(FsdiffError, match="anchor channels"):
+        UAPF(prior_channels=6, anchor_channels=[6])
+    with pytest.raises(FsdiffError, match="contrast"):
+        DiffUpConfig(prior_maps=("proto", "pix"), uapf_anchor=True)
+
+
+def test_residual_prior_decoder_starts_at_the_prior():
+    cfg = DiffUpConfig(**{**TINY, "residual_prior": True})
+    torch.manual_seed(0)
+    _, m = build_models(cfg)
+    c = cond_inputs(2, 16, 16)
+    out = m(torch.randn(2, 1, 16, 16), 300, **c)
+    mu_up = torch.nn.functional.interpolate(c["prior_mu"], size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out.x0_logit, 0.5 * mu_up, atol=1e-6)  # the UNet adds zero at initialisation
+    s = m.sample(c["prior_mu"], c["prior_var"], c["query_rgb"], c["query_extra"], annotation_types=["mask"],
+                 generator=0)
+    assert torch.allclose(s.prob, torch.sigmoid(mu_up), atol=1e-6)  # so sampling returns sigmoid(μ)
+    # without it the same weights give something else
+    _, plain = build_models(DiffUpConfig(**TINY))
+    assert not torch.allclose(plain(torch.randn(2, 1, 16, 16), 300, **c).x0_logit, 0.5 * mu_up, atol=1e-3)
+
+
+def test_no_rgb_query_input():
+    torch.manual_seed(0)
+    _, m = build_models(DiffUpConfig(**{**TINY, "query_channels": 0}))
+    assert m.query_encoder is None and m.cond_in_channels == 3 + 1
+    c = cond_inputs(2, 16, 16)
+    x = torch.randn(2, 1, 16, 16)
+    a = m(x, 300, **c).x0
+    assert torch.equal(a, m(x, 300, **dict(c, query_rgb=1 - c["query_rgb"])).x0)  # RGB is ignored
+    assert not torch.allclose(a, m(x, 300, **dict(c, prior_mu=-c["prior_mu"])).x0)  # the prior is not

@@ -164,8 +164,13 @@ def test_checkpoints_hold_no_pickle(tmp_path):
         for model in ("uapf", "uqdd"):
             assert sorted(p.name for p in (tmp_path / sub / model).iterdir()) == [
                 "config.json", "diffusion_pytorch_model.safetensors"]
-    for p in files:  # no pickle opcode stream anywhere (protocol 2+ starts with b'\x80')
-        assert not p.read_bytes().startswith(b"\x80")
+    for p in files:  # every file is JSON(L) or a well-formed safetensors file, never a pickle stream
+        raw = p.read_bytes()
+        if p.suffix == ".safetensors":  # 8-byte little-endian header length, then a JSON header
+            n = int.from_bytes(raw[:8], "little")
+            assert raw[8:9] == b"{" and isinstance(json.loads(raw[8:8 + n]), dict)
+        else:
+            assert not raw.startswith(b"\x80")  # pickle protocol 2+ opens with PROTO (0x80)
     state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["settings"]["batch_size"] == 2
 
@@ -258,8 +263,8 @@ def test_train_diffup_entry_and_cpu_config(tmp_path):
 
     cfg = cpu_config()
     got = (cfg.input_size, cfg.mask_size, cfg.prior_size, cfg.base_channels, cfg.layers_per_block)
-    assert got == (320, 64, 40, 32, 1)
-    assert cpu_config(base_channels=16).base_channels == 16 and CPU_CONFIG["mask_stride"] == 5
+    assert got == (448, 64, 56, 32, 1)
+    assert cpu_config(base_channels=16).base_channels == 16 and CPU_CONFIG["mask_stride"] == 7
     before = torch.get_num_threads()
     res = train_diffup(ToySource(), tmp_path, config=DiffUpConfig(**TINY), steps=1, batch_size=2, save_every=1,
                        progress=False, num_threads=1)
@@ -281,7 +286,7 @@ def test_make_batch_is_seeded_collated_and_uses_text(tmp_path):
     assert a.keys() == {"priors", "type_ids", "present", "gt", "query_rgb", "query_extra"}
     assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["gt"], c["gt"])
     k = a["priors"].shape[1]
-    assert a["priors"].shape == (6, k, 6, 8, 8) and a["type_ids"].shape == a["present"].shape == (6, k)
+    assert a["priors"].shape == (6, k, cfg.prior_channels, 8, 8) and cfg.prior_channels == 9 and a["type_ids"].shape == a["present"].shape == (6, k)
     assert a["gt"].shape == (6, 1, 16, 16) and a["query_rgb"].shape == (6, 3, 16, 16)
     assert a["query_extra"].shape == (6, 1, 8, 8)
     assert torch.all(a["priors"][~a["present"]] == 0) and torch.all((a["priors"] >= 0) & (a["priors"] <= 1))

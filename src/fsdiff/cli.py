@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="default: diffup 8, diffseg 4")
     p.add_argument("--lr", type=float, default=None, help="default: diffup 3e-4 (AdamW), diffseg 0.01 (SGD)")
     p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--config-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the method's config, repeatable (e.g. query_channels=0 for diffup)")
     p.add_argument("--save-every", type=int, default=250, help="write a resumable checkpoint every N steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a busy 2-core CPU)")
@@ -293,6 +295,29 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _config_overrides(items: Sequence[str]) -> dict:
+    """--config-arg KEY=VALUE items as a dict (values parsed like --method-arg)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FsdiffError(f"--config-arg {item!r}: expected KEY=VALUE, e.g. --config-arg query_channels=0.")
+        out[key.strip()] = _parse_value(value)
+    return out
+
+
+def _check_fields(method: str, fields: dict, config_cls) -> None:
+    """Raise an FsdiffError naming --config-arg keys that are not fields of the method's config."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    bad = sorted(set(fields) - known)
+    if bad:
+        raise FsdiffError(
+            f"--config-arg {', '.join(bad)}: not a field of the {method} config; known fields: {', '.join(sorted(known))}."
+        )
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from fsdiff.api import open_source
 
@@ -301,16 +326,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     common = dict(seed=args.seed, save_every=args.save_every, progress=not args.no_progress, num_threads=args.threads,
                   mixed_precision=args.mixed_precision)
     given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr), ("warmup", args.warmup)) if v is not None}
+    fields = _config_overrides(args.config_arg)
     if args.method_name == "diffup":
-        from fsdiff.methods.diffup.training import train_diffup
+        from fsdiff.methods.diffup.config import DiffUpConfig
+        from fsdiff.methods.diffup.training import cpu_config, train_diffup
 
-        result = train_diffup(source, args.out, encoder=args.encoder, **common, **given)
+        _check_fields("diffup", fields, DiffUpConfig)
+        result = train_diffup(source, args.out, config=cpu_config(**fields), encoder=args.encoder, **common, **given)
     else:
         from fsdiff.methods.diffseg.config import DiffSegConfig
         from fsdiff.methods.diffseg.training import train_diffseg
 
         overrides = {k: v for k, v in (("prior_model", args.prior), ("decoder_model", args.decoder), ("input_size", args.input_size)) if v is not None}
-        result = train_diffseg(source, args.out, config=DiffSegConfig(**overrides), **common, **given)
+        _check_fields("diffseg", fields, DiffSegConfig)
+        result = train_diffseg(source, args.out, config=DiffSegConfig(**{**overrides, **fields}), **common, **given)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); weights in {result.final_dir}")
     return 0
 

@@ -99,8 +99,12 @@ def pixel_max_cosine(
     threshold: float = 0.5,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     eps: float = EPS,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``P_pix(x) = max_{y in A} cos(f_q(x), f_s(y))``: query (C, h, w), support (C, hs, ws) -> (h, w).
+
+    ``matmul_dtype`` (e.g. ``torch.bfloat16``, ~3x faster on CPUs with bf16 units) runs the similarity
+    matmul in that type after normalising in the query's type (cosines then carry ~0.4 % error).
 
     ``region`` is the (hs, ws) weight map on the support grid; A holds the cells whose weight is at least
     ``threshold`` times the largest weight (for a dense mask: cells at least half inside; a thin scribble
@@ -123,11 +127,13 @@ def pixel_max_cosine(
     sel = r >= threshold * top
     s = l2_normalise(support.reshape(c, -1)[:, sel], 0, eps)  # (C, Ns)
     q = l2_normalise(query.reshape(c, -1), 0, eps)  # (C, Nq)
+    if matmul_dtype is not None:
+        q, s = q.to(matmul_dtype), s.to(matmul_dtype)
     n_s = s.shape[1]
     step = max(1, int(chunk_elements) // max(1, n_s))
     out = torch.empty(h * w, dtype=query.dtype, device=query.device)
     for a in range(0, h * w, step):
-        out[a:a + step] = (q[:, a:a + step].T @ s).amax(dim=1)
+        out[a:a + step] = (q[:, a:a + step].T @ s).amax(dim=1).to(out.dtype)
     return out.reshape(h, w)
 
 

@@ -11,6 +11,13 @@ reconstruction [R]:
   (:mod:`fsdiff.priors`), each min-max normalised per episode (per query map) on its own grid, then
   resized bilinearly to the prior grid (``DiffUpConfig.prior_size``). Channel order of one shot's
   tensor R_k (``levels * 2`` channels): ``[l0 proto, l0 pix, l1 proto, l1 pix, l2 proto, l2 pix]``.
+* **Contrast** (a fsdiff addition [R], ``DiffUpConfig.prior_maps`` default): per level a third map
+  ``sigmoid((s_fg − s_bg) / T)`` with ``s = a·P_proto + (1 − a)·P_pix`` computed against the support's
+  foreground and against its background (outside the mask or box; the scribble's own background or
+  the area far from it), unnormalised: the training-free prototype method's per-level probability.
+  Still dimension-free; it keeps the fg-vs-bg evidence that per-episode min-max normalisation of
+  fg-only cosines throws away (without it, the first CPU-trained model lost to the prototype method,
+  docs/BENCHMARKS.md). The maps of one level are then ``[proto, pix, contrast]``.
 * **Box / scribble / points** supports go through the same operators with A = their foreground region
   (``annotation.regions(shape)[0]``); a box gives a coarser prior (its background cells join A), a
   scribble a sparser one. Scribble (and points) regions are first **dilated** by a disk of radius
@@ -53,6 +60,10 @@ from fsdiff.priors import (
 
 SCRIBBLE_DILATION = 0.01
 """Scribble/points regions are dilated by a disk of this fraction of the image's long side (>= 1 px)."""
+CONTRAST_TEMPERATURE = 0.1
+"""T of the contrast map (the prototype method's temperature)."""
+CONTRAST_PROTO_WEIGHT = 0.5
+"""a of the contrast map's class score (the prototype method's weight)."""
 PIXEL_THRESHOLD = 0.5
 """A support cell joins the pixel-max set A when its region weight is >= this fraction of the largest."""
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -83,13 +94,23 @@ def dilate_region(fg: np.ndarray, fraction: float = SCRIBBLE_DILATION) -> np.nda
 
 def support_region(annotation: Annotation, shape: tuple[int, int], dilation: float = SCRIBBLE_DILATION) -> np.ndarray:
     """The bool (H, W) foreground region A of a spatial annotation (sparse kinds dilated, see module doc)."""
-    fg, _ = annotation.regions(shape)
+    return support_regions(annotation, shape, dilation)[0]
+
+
+def support_regions(
+    annotation: Annotation, shape: tuple[int, int], dilation: float = SCRIBBLE_DILATION
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bool (H, W) foreground A (sparse kinds dilated) and background (the annotation's, minus A)."""
+    fg, bg = annotation.regions(shape)
     fg = np.asarray(fg, bool)
     if annotation.kind in SPARSE_KINDS:
         fg = dilate_region(fg, dilation)
     if not fg.any():
-        raise FsdiffError(f"the {annotation.kind} support annotation has an empty foreground region.")
-    return fg
+        raise FsdiffError(
+            f"the {annotation.kind} support annotation has an empty foreground region; give a mask with "
+            "object pixels, a box inside the image or a non-empty scribble."
+        )
+    return fg, np.asarray(bg, bool) & ~fg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -106,7 +127,11 @@ def _resize_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def level_priors(
-    query: torch.Tensor, support: torch.Tensor, weights: torch.Tensor, pixel_threshold: float = PIXEL_THRESHOLD
+    query: torch.Tensor,
+    support: torch.Tensor,
+    weights: torch.Tensor,
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Raw (2, h, w) [P_proto, P_pix] cosines of one level: query (C, h, w), support (C, hs, ws), weights (hs, ws)."""
     if query.ndim != 3 or support.ndim != 3 or query.shape[0] != support.shape[0]:
@@ -116,8 +141,25 @@ def level_priors(
         )
     proto = masked_average_pooling(support, weights)
     p_proto = prototype_cosine(query, proto)
-    p_pix = pixel_max_cosine(query, support, weights, threshold=pixel_threshold)
+    p_pix = pixel_max_cosine(query, support, weights, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
     return torch.stack([p_proto, p_pix])
+
+
+def contrast_map(
+    fg_raw: torch.Tensor,
+    bg_raw: torch.Tensor | None,
+    temperature: float = CONTRAST_TEMPERATURE,
+    proto_weight: float = CONTRAST_PROTO_WEIGHT,
+) -> torch.Tensor:
+    """sigmoid((s_fg - s_bg) / T) with s = a * P_proto + (1 - a) * P_pix from raw (2, h, w) level priors.
+
+    Without background evidence (``bg_raw`` None) s_bg is the query-wide mean of s_fg, as in the
+    prototype method (pixels more similar than average are foreground).
+    """
+    a = float(proto_weight)
+    s_fg = a * fg_raw[0] + (1 - a) * fg_raw[1]
+    s_bg = s_fg.mean().expand_as(s_fg) if bg_raw is None else a * bg_raw[0] + (1 - a) * bg_raw[1]
+    return torch.sigmoid((s_fg - s_bg) / float(temperature))
 
 
 def shot_prior(
@@ -126,23 +168,57 @@ def shot_prior(
     region: np.ndarray | torch.Tensor,
     size: int | tuple[int, int],
     pixel_threshold: float = PIXEL_THRESHOLD,
+    *,
+    background: np.ndarray | torch.Tensor | None = None,
+    maps: Sequence[str] = ("proto", "pix"),
+    temperature: float = CONTRAST_TEMPERATURE,
+    proto_weight: float = CONTRAST_PROTO_WEIGHT,
+    matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One shot's prior R_k (levels*2, h, w) in [0, 1] from per-level features and its (H, W) region A."""
+    """One shot's prior R_k (levels * len(maps), h, w) in [0, 1] from per-level features and its region A.
+
+    ``maps`` per level, in order: ``proto`` / ``pix`` (min-max normalised cosines to the fg region) and
+    ``contrast`` (:func:`contrast_map` against the ``background`` region, not normalised).
+    """
     if len(query_feats) != len(support_feats):
         raise FsdiffError(
             f"BAFT: the query has {len(query_feats)} feature levels but the support {len(support_feats)}."
         )
+    unknown = [m for m in maps if m not in ("proto", "pix", "contrast")]
+    if unknown or not maps:
+        raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use proto, pix and/or contrast.")
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    maps = []
+    out = []
     for q, s in zip(query_feats, support_feats):
         s = s.to(q.device, q.dtype)
-        w = region_weights(region, tuple(s.shape[-2:])).to(q.device, q.dtype)
+        grid = tuple(s.shape[-2:])
+        w = region_weights(region, grid).to(q.device, q.dtype)
         if float(w.sum()) <= 0:
             raise FsdiffError("BAFT: the support region is empty on the feature grid.")
-        raw = level_priors(q, s, w, pixel_threshold)
+        raw = level_priors(q, s, w, pixel_threshold, matmul_dtype)
         norm = minmax_normalise(raw, dims=(1, 2))  # per map, per episode
-        maps.append(_resize_map(norm, size))
-    return torch.cat(maps, 0).clamp_(0.0, 1.0)
+        level = []
+        for name in maps:
+            if name == "proto":
+                level.append(norm[0])
+            elif name == "pix":
+                level.append(norm[1])
+            else:
+                bg_raw = None
+                if background is not None:
+                    wb = region_weights(background, grid).to(q.device, q.dtype)
+                    if float(wb.sum()) > 0:
+                        bg_raw = level_priors(q, s, wb, pixel_threshold, matmul_dtype)
+                level.append(contrast_map(raw, bg_raw, temperature, proto_weight))
+        out.append(_resize_map(torch.stack(level), size))
+    return torch.cat(out, 0).clamp_(0.0, 1.0)
+
+
+def config_prior_kwargs(config) -> dict:
+    """The :func:`shot_prior` keyword arguments a DiffUpConfig asks for (maps, contrast T and weight)."""
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[config.prior_matmul_dtype]
+    return dict(maps=tuple(config.prior_maps), temperature=float(config.contrast_temperature),
+                proto_weight=float(config.contrast_proto_weight), matmul_dtype=dtype)
 
 
 def query_extra(query_feats: Sequence[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:

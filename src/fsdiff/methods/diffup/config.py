@@ -14,6 +14,10 @@ from typing import Any
 
 from fsdiff.errors import FsdiffError
 
+PRIOR_MAPS: tuple[str, ...] = ("proto", "pix", "contrast")
+"""BAFT maps a level can give: fg prototype cosine, fg pixel-max cosine (both min-max normalised per episode)
+and the fg-vs-bg contrast sigmoid((s_fg - s_bg) / T) (the prototype method's per-level probability)."""
+
 ANNOTATION_TYPES: tuple[str, ...] = ("mask", "box", "scribble", "text")
 """Annotation types DiffUp knows, in the order of their type ids (UAPF's type embedding)."""
 
@@ -32,7 +36,10 @@ class DiffUpConfig:
 
     # --- BAFT priors (produced elsewhere; only their count matters here) ----------------------------
     prior_levels: int = 3  # feature levels (ResNet layer2/3/4; ViT 1/3, 2/3, last)
-    prior_maps_per_level: int = 2  # P_proto and P_pix per level
+    prior_maps: tuple[str, ...] = ("proto", "pix", "contrast")  # per level, in this order (see PRIOR_MAPS)
+    contrast_temperature: float = 0.1  # T of the fg-vs-bg contrast map sigmoid((s_fg - s_bg) / T)
+    contrast_proto_weight: float = 0.5  # a in s = a * cos(f_q, p) + (1 - a) * pixel-max cos
+    prior_matmul_dtype: str = "float32"  # pixel-max similarity matmul: float32 or bfloat16 (~3x faster on CPU)
     annotation_types: tuple[str, ...] = ANNOTATION_TYPES
 
     # --- UAPF --------------------------------------------------------------------------------------
@@ -42,6 +49,7 @@ class DiffUpConfig:
     uapf_log_var_max: float = 6.0
     uapf_empty_variance: float = 1000.0  # σ² when no shot and no text is present (μ = 0 logit, p = 0.5)
     uapf_detach_condition: bool = False  # False: UQDD's loss also trains UAPF through the condition
+    uapf_anchor: bool = True  # μ_k = logit(mean of the shot's contrast maps) + CNN residual (zero at init)
 
     # --- diffusion ---------------------------------------------------------------------------------
     num_train_timesteps: int = 1000  # T
@@ -55,7 +63,7 @@ class DiffUpConfig:
     mid_attention: bool = True  # self-attention in the middle block
     attention_head_dim: int = 32
     cond_channels: int = 32  # SCM condition-encoder width (all scales)
-    query_channels: int = 16  # trainable RGB-query encoding channels
+    query_channels: int = 16  # trainable RGB-query encoding channels (0 = no RGB input, priors only)
     query_extra_channels: int = 1  # backbone-agnostic extra query maps (e.g. a self-affinity summary)
     dqm_channels: int = 32  # DQM head width
     dqm_uses_condition: bool = True  # DQM sees the SCM condition stem as well as x_t and t
@@ -64,6 +72,7 @@ class DiffUpConfig:
     self_conditioning: bool = True  # Analog-Bits self-conditioning (x̂0_prev input channel)
     dropout: float = 0.0
     logvar_scale: float = 8.0  # log σ² enters the condition as clamp(log σ², ±scale) / scale
+    residual_prior: bool = True  # x̂0 logit = UNet output + μ / 2 (output zero at init: the decoder starts at the prior)
 
     # --- prior as intermediate ---------------------------------------------------------------------
     start_fractions: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_START_FRACTIONS))
@@ -98,6 +107,7 @@ class DiffUpConfig:
 
     def __post_init__(self) -> None:
         self.annotation_types = tuple(self.annotation_types)
+        self.prior_maps = tuple(str(m) for m in self.prior_maps)
         self.channel_mult = tuple(int(c) for c in self.channel_mult)
         self.train_shot_types = tuple(self.train_shot_types)
         self.uncertainty_weights = tuple(float(w) for w in self.uncertainty_weights)  # type: ignore[assignment]
@@ -112,14 +122,27 @@ class DiffUpConfig:
 
         if self.input_size < 32:
             bad("input_size", "must be at least 32 pixels")
-        for name in ("mask_stride", "prior_stride", "prior_levels", "prior_maps_per_level", "base_channels",
-                     "layers_per_block", "cond_channels", "query_channels", "dqm_channels",
+        for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
+                     "layers_per_block", "cond_channels", "dqm_channels",
                      "uapf_hidden_channels", "uapf_type_embed_dim", "attention_head_dim", "ddim_steps",
                      "num_train_timesteps"):
             if int(getattr(self, name)) < 1:
                 bad(name, "must be a positive integer")
         if self.query_extra_channels < 0:
             bad("query_extra_channels", "must be >= 0")
+        if self.query_channels < 0:
+            bad("query_channels", "must be >= 0 (0 = no RGB query input)")
+        if not self.prior_maps or len(set(self.prior_maps)) != len(self.prior_maps) or any(
+                m not in PRIOR_MAPS for m in self.prior_maps):
+            bad("prior_maps", f"need distinct names out of {PRIOR_MAPS}")
+        if self.uapf_anchor and "contrast" not in self.prior_maps:
+            bad("uapf_anchor", "the anchor is the mean contrast map, so prior_maps must include 'contrast'")
+        if self.prior_matmul_dtype not in ("float32", "bfloat16"):
+            bad("prior_matmul_dtype", "use 'float32' or 'bfloat16'")
+        if not self.contrast_temperature > 0:
+            bad("contrast_temperature", "must be > 0")
+        if not 0.0 <= self.contrast_proto_weight <= 1.0:
+            bad("contrast_proto_weight", "must lie in [0, 1]")
         if len(self.channel_mult) != 3:
             bad("channel_mult", "DiffUp's UNet has exactly 3 encoder blocks, so give 3 multipliers")
         if self.beta_schedule != "cosine":
@@ -166,6 +189,19 @@ class DiffUpConfig:
         return self.input_size // self.prior_stride
 
     @property
+    def prior_maps_per_level(self) -> int:
+        """Maps per feature level (``len(prior_maps)``)."""
+        return len(self.prior_maps)
+
+    @property
+    def anchor_channels(self) -> list[int]:
+        """Indices of the contrast maps in one shot's prior tensor (UAPF's anchor), empty without an anchor."""
+        if not self.uapf_anchor:
+            return []
+        j = self.prior_maps.index("contrast")
+        return [lvl * self.prior_maps_per_level + j for lvl in range(self.prior_levels)]
+
+    @property
     def prior_channels(self) -> int:
         """Channels of one shot's prior tensor R_k (levels × maps per level)."""
         return self.prior_levels * self.prior_maps_per_level
@@ -189,6 +225,7 @@ class DiffUpConfig:
             log_var_min=self.uapf_log_var_min,
             log_var_max=self.uapf_log_var_max,
             empty_variance=self.uapf_empty_variance,
+            anchor_channels=self.anchor_channels,
         )
 
     def uqdd_kwargs(self) -> dict[str, Any]:
@@ -209,6 +246,7 @@ class DiffUpConfig:
             self_conditioning=self.self_conditioning,
             dropout=self.dropout,
             logvar_scale=self.logvar_scale,
+            residual_prior=self.residual_prior,
             num_train_timesteps=self.num_train_timesteps,
             annotation_types=tuple(self.annotation_types),
             start_fractions=dict(self.start_fractions),

@@ -53,8 +53,9 @@ from fsdiff.methods.diffup.baft import (
     prior_type,
     query_extra,
     replicate_text,
+    config_prior_kwargs,
     shot_prior,
-    support_region,
+    support_regions,
 )
 from fsdiff.methods.diffup.config import DiffUpConfig
 from fsdiff.methods.diffup.schedule import make_generator
@@ -298,13 +299,14 @@ class DiffUpSegmenter:
         images = [s.image for s in spatial] + [q.image for q in episode.queries]
         feats = self._features(images)
         sup_feats, qry_feats = feats[: len(spatial)], feats[len(spatial):]
-        regions = [support_region(s.annotation, s.shape) for s in spatial]
+        regions = [support_regions(s.annotation, s.shape) for s in spatial]
+        pkw = config_prior_kwargs(cfg)
         out = []
         with torch.inference_mode():
             for query, qf in zip(episode.queries, qry_feats):
                 priors, types = [], []
                 for s, sf, reg in zip(spatial, sup_feats, regions):
-                    priors.append(shot_prior(qf, sf, reg, size))
+                    priors.append(shot_prior(qf, sf, reg[0], size, background=reg[1], **pkw))
                     types.append(prior_type(s.annotation.kind))
                 if self.text is not None:
                     tp = self.text.prior(query.image, episode.class_name, size).to(self.device)

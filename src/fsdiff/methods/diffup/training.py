@@ -60,8 +60,9 @@ from fsdiff.methods.diffup.baft import (
     load_text_prior,
     query_extra,
     replicate_text,
+    config_prior_kwargs,
     shot_prior,
-    support_region,
+    support_regions,
 )
 from fsdiff.methods.diffup.config import DiffUpConfig
 from fsdiff.methods.diffup.segmenter import rgb_at, rgb_tensor, save_diffup
@@ -270,9 +271,9 @@ class DiffUpTrainable:
             label = self.ann[(s, c)]
             width = max(1, int(round(cfg.scribble_width * self.ann_size / max(1, self.orig_side[s]))))
             annotation = synthesize_annotation(label, t, rng, scribble_width=width)
-            region = support_region(annotation, label.shape)
+            fg, bg = support_regions(annotation, label.shape)
             sf = [f.to(dev, torch.float32) for f in self.feats[s]]
-            priors.append(shot_prior(qf, sf, region, size))
+            priors.append(shot_prior(qf, sf, fg, size, background=bg, **config_prior_kwargs(cfg)))
             type_names.append(t)
         if use_text:
             dense = self.clip[query].to(torch.float32)
@@ -335,7 +336,8 @@ class DiffUpTrainable:
         return save_diffup(directory, self.config, self.uapf, self.uqdd, info)
 
 
-CPU_CONFIG: dict[str, Any] = dict(input_size=320, mask_stride=5, base_channels=32, layers_per_block=1)
+CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
+                                  prior_matmul_dtype="bfloat16")
 """DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default."""
 
 

@@ -10,6 +10,10 @@ types into two maps, a mean and a variance. Everything below is the METHODS.md �
   ``μ = Σ_k e^{−s_k} μ_k / Σ_k e^{−s_k}`` and ``σ² = 1 / Σ_k e^{−s_k}``, computed stably as a softmax
   over −s_k and ``log σ² = −logsumexp_k(−s_k)``; padding shots (``present = False``) are excluded, so
   one batch can hold episodes with different K;
+* **anchor** (``anchor_channels``, a fsdiff choice [R]): μ_k = logit(mean of the shot's contrast maps) +
+  the CNN's output, whose last convolution starts at zero, so an untrained UAPF already gives the
+  training-free prototype estimate and training learns a correction of it (the text prior, which has no
+  contrast maps, is anchored on its own replicated map);
 * the text prior is one more "shot" (type ``text``), so K = 0 with text falls out naturally;
 * K = 0 *without* text has no evidence at all: the output is μ = 0 (logit, p = 0.5) and
   σ² = ``empty_variance`` (default 1000, above the largest single-shot variance e^{6} ≈ 403), i.e. an
@@ -85,6 +89,16 @@ def fuse_precision(
     return mu, log_var
 
 
+ANCHOR_EPS = 1e-3
+"""The anchor probability is clamped to [eps, 1 - eps] before the logit (|logit| <= 6.9)."""
+
+
+def anchor_logit(maps: torch.Tensor) -> torch.Tensor:
+    """logit of the channel mean of (N, C, h, w) probability maps, clamped to [ANCHOR_EPS, 1 - ANCHOR_EPS]."""
+    p = maps.mean(dim=1, keepdim=True).clamp(ANCHOR_EPS, 1.0 - ANCHOR_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
 def heteroscedastic_loss(
     mu: torch.Tensor,
     log_var: torch.Tensor,
@@ -123,8 +137,13 @@ class UAPF(ModelMixin, ConfigMixin):
         log_var_min: float = -6.0,
         log_var_max: float = 6.0,
         empty_variance: float = 1000.0,
+        anchor_channels: list[int] | tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
+        anchors = [int(a) for a in (anchor_channels or [])]
+        if any(not 0 <= a < prior_channels for a in anchors):
+            raise FsdiffError(f"UAPF: anchor channels {anchors} must lie in [0, {prior_channels}).")
+        self.anchors = anchors
         if not log_var_min < log_var_max:
             raise FsdiffError(f"UAPF: log_var_min {log_var_min} must be below log_var_max {log_var_max}.")
         self.type_embed = nn.Embedding(num_types, type_embed_dim)
@@ -138,6 +157,9 @@ class UAPF(ModelMixin, ConfigMixin):
             nn.SiLU(),
             nn.Conv2d(hidden_channels, 2, 1),
         )
+        if anchors:  # start exactly at the anchor (μ_k = anchor logit, s_k = 0)
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def _squash(self, raw: torch.Tensor) -> torch.Tensor:
         """Map a raw log-variance into [log_var_min, log_var_max]; raw = 0 gives s = 0 when 0 is inside."""
@@ -154,7 +176,10 @@ class UAPF(ModelMixin, ConfigMixin):
             raise FsdiffError(f"UAPF: annotation type ids must lie in [0, {self.config.num_types}).")
         emb = self.type_embed(type_ids.long()).to(prior.dtype)[:, :, None, None].expand(n, -1, h, w)
         out = self.net(torch.cat([prior, emb], dim=1))
-        return out[:, :1], self._squash(out[:, 1:])
+        mu = out[:, :1]
+        if self.anchors:
+            mu = mu + anchor_logit(prior[:, self.anchors])
+        return mu, self._squash(out[:, 1:])
 
     def forward(
         self, priors: torch.Tensor, type_ids: torch.Tensor, present: torch.Tensor | None = None

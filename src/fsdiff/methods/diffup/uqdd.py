@@ -25,6 +25,11 @@ Everything concrete below is the METHODS.md §4.2 reconstruction [R]:
   per-pixel error map ê = sigmoid(·) ≈ |x̂₀ − x₀|/2 and a scalar IoU estimate î = sigmoid(·); every
   ResBlock multiplies its residual branch by (1 − ê) (average-pooled to its resolution) and by
   channel gates 2·sigmoid(W·MLP(î)) ∈ (0, 2), so an all-ones error map zeroes every residual branch;
+* ``query_channels = 0`` drops the RGB encoding (the condition is then priors only; fsdiff's CPU recipe,
+  see :func:`fsdiff.methods.diffup.training.cpu_config` and docs/BENCHMARKS.md for the measurement);
+* ``residual_prior`` (a fsdiff choice [R]): the UNet's output is added to μ/2, so the x̂₀ logit is a
+  correction of the fused prior; the last convolution starts at zero, so an untrained decoder returns
+  the prior (p = sigmoid(μ)) and training only has to learn where the prior is wrong;
 * the network outputs a logit z and x̂₀ = tanh(z) ∈ (−1, 1) (x₀ ∈ {−1, 1}, so a bounded output);
   the probability read-out is p = (x̂₀ + 1)/2 = sigmoid(2z). METHODS.md writes "sigmoid((x̂₀+1)/2)",
   which would squeeze p into [0.5, 0.73] and make threshold 0.5 meaningless; the sigmoid is read as
@@ -73,6 +78,10 @@ PAD_MULTIPLE = 8
 # ----------------------------------------------------------------------------------------------------
 # building blocks
 # ----------------------------------------------------------------------------------------------------
+RESIDUAL_CLAMP = 12.0
+"""|μ| is clamped to this before it enters the residual x̂0 logit (sigmoid(12) = 1 - 6e-6)."""
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int = 1000) -> torch.Tensor:
     """Sinusoidal embedding (B, dim) of timesteps t (B,) in [0, T], rescaled to a 0..1000 range."""
     half = dim // 2
@@ -276,6 +285,7 @@ class UQDD(ModelMixin, ConfigMixin):
         self_conditioning: bool = True,
         dropout: float = 0.0,
         logvar_scale: float = 8.0,
+        residual_prior: bool = False,
         num_train_timesteps: int = 1000,
         mask_stride: int = 4,
         annotation_types: Sequence[str] = ANNOTATION_TYPES,
@@ -303,7 +313,7 @@ class UQDD(ModelMixin, ConfigMixin):
         # SCM: query encoder + condition encoder (c = [μ_p, log σ², x̂0_prev, query enc, extra])
         self.query_encoder = nn.Sequential(
             nn.Conv2d(3, query_channels, 3, padding=1), nn.SiLU(), nn.Conv2d(query_channels, query_channels, 3, padding=1)
-        )
+        ) if query_channels > 0 else None
         self.cond_in_channels = 3 + query_channels + query_extra_channels
         need_cond = use_scm or (use_dqm and dqm_uses_condition)
         self.cond_encoder = ConditionEncoder(self.cond_in_channels, cond_channels) if need_cond else None
@@ -338,6 +348,9 @@ class UQDD(ModelMixin, ConfigMixin):
             prev = ch
         self.norm_out = _norm(prev)
         self.conv_out = nn.Conv2d(prev, 1, 3, padding=1)
+        if residual_prior:  # x̂0 logit = UNet output + μ / 2: start exactly at the fused prior
+            nn.init.zeros_(self.conv_out.weight)
+            nn.init.zeros_(self.conv_out.bias)
 
     # ------------------------------------------------------------------------------------------------
     # condition
@@ -373,7 +386,9 @@ class UQDD(ModelMixin, ConfigMixin):
         rgb = (_resize(query_rgb, size) - 0.5) * 2.0
         if x0_prev is None:
             x0_prev = mu.new_zeros(b, 1, *size)
-        parts = [torch.sigmoid(mu), lv.clamp(-s, s) / s, x0_prev.to(mu.dtype), self.query_encoder(rgb.to(mu.dtype))]
+        parts = [torch.sigmoid(mu), lv.clamp(-s, s) / s, x0_prev.to(mu.dtype)]
+        if self.query_encoder is not None:
+            parts.append(self.query_encoder(rgb.to(mu.dtype)))
         if cfg.query_extra_channels:
             parts.append(_resize(query_extra, size).to(mu.dtype))
         return torch.cat(parts, dim=1)
@@ -462,6 +477,8 @@ class UQDD(ModelMixin, ConfigMixin):
             for blk in blocks:
                 hcur = blk(hcur, temb, fl(lvl), errs[lvl], gate_emb)
         z = self.conv_out(F.silu(self.norm_out(hcur)))[:, :, :h, :w]
+        if cfg.residual_prior:  # sigmoid(2 z) = sigmoid(μ) where the UNet adds nothing
+            z = z + 0.5 * _bilinear(prior_mu, size).clamp(-RESIDUAL_CLAMP, RESIDUAL_CLAMP).to(z.dtype)
         if err is not None:
             err = err[:, :, :h, :w]
         return UQDDOutput(x0=torch.tanh(z), x0_logit=z, err=err, iou=iou)
