@@ -7,6 +7,10 @@ and listed in the JSON.
 
     python benchmarks/coco_mini.py --method prototype --encoders efficientnet-lite0 efficientnet-lite2 \
         --shots 1 5 --episodes 1000 --out runs/bench-prototype
+
+DiffUp uses the shipped checkpoint of each fold (trained without that fold's classes) unless
+``--checkpoint 'runs/diffup-fold{fold}/final'`` names others; ``--support-annotations mask box scribble``
+scores weak supports synthesised from the masks (the same boxes/scribbles for every method).
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def main() -> int:
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--episodes", type=int, default=1000)
     ap.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", help="extra segmenter argument")
+    ap.add_argument("--checkpoint", default=None, help="checkpoint path, '{fold}' is replaced by the fold")
+    ap.add_argument("--support-annotations", nargs="+", default=["mask"], choices=["mask", "box", "scribble"])
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
@@ -48,36 +54,42 @@ def main() -> int:
         extra[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
     rows = []
     for enc in args.encoders:
-        seg = build_segmenter(args.method, encoder=enc, **extra)
-        for shots in args.shots:
-            for fold in args.folds:
-                t0 = time.perf_counter()
-                summary, _ = evaluate_benchmark(
-                    "coco", args.data, fold=fold, shots=shots, episodes=args.episodes, segmenter=seg,
-                    skip_small_classes=True, out=Path(args.out) / f"{enc}-{shots}shot-fold{fold}", progress=False,
-                )
-                row = {
-                    "encoder": enc, "shots": shots, "fold": fold, "miou": summary["miou"], "fbiou": summary["fbiou"],
-                    "episodes_per_second": summary["episodes_per_second"], "seconds": time.perf_counter() - t0,
-                    "classes_skipped": summary["classes_skipped"],
-                }
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+        for fold in args.folds:
+            kw = dict(extra)
+            if args.checkpoint:
+                kw["checkpoint"] = args.checkpoint.format(fold=fold)
+            seg = build_segmenter(args.method, encoder=enc, benchmark=dict(dataset="coco", fold=fold), **kw)
+            for kind in args.support_annotations:
+                for shots in args.shots:
+                    t0 = time.perf_counter()
+                    summary, _ = evaluate_benchmark(
+                        "coco", args.data, fold=fold, shots=shots, episodes=args.episodes, segmenter=seg,
+                        skip_small_classes=True, support_annotation=kind, progress=False,
+                        out=Path(args.out) / f"{enc}-{kind}-{shots}shot-fold{fold}",
+                    )
+                    row = {
+                        "encoder": enc, "support": kind, "shots": shots, "fold": fold, "miou": summary["miou"],
+                        "fbiou": summary["fbiou"], "episodes_per_second": summary["episodes_per_second"],
+                        "seconds": time.perf_counter() - t0, "classes_skipped": summary["classes_skipped"],
+                    }
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench.json").write_text(json.dumps({"date": str(date.today()), "machine": machine, "args": vars(args), "rows": rows}, indent=2))
     print(f"date {date.today()}; machine {machine}; method {args.method}; episodes/fold {args.episodes}\n")
-    print("| encoder | shots | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU | episodes/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| encoder | support | shots | fold 0 | fold 1 | fold 2 | fold 3 | mean mIoU | mean FB-IoU | episodes/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for enc in args.encoders:
-        for shots in args.shots:
-            sel = [r for r in rows if r["encoder"] == enc and r["shots"] == shots]
-            per = {r["fold"]: r["miou"] for r in sel}
-            cells = [f"{per[f]:.1f}" if f in per else "-" for f in range(4)]
-            miou = sum(r["miou"] for r in sel) / len(sel)
-            fb = sum(r["fbiou"] for r in sel) / len(sel)
-            eps = sum(r["episodes_per_second"] for r in sel) / len(sel)
-            print(f"| {enc} | {shots} | {' | '.join(cells)} | {miou:.1f} | {fb:.1f} | {eps:.1f} |")
+        for kind in args.support_annotations:
+            for shots in args.shots:
+                sel = [r for r in rows if r["encoder"] == enc and r["shots"] == shots and r["support"] == kind]
+                per = {r["fold"]: r["miou"] for r in sel}
+                cells = [f"{per[f]:.1f}" if f in per else "-" for f in range(4)]
+                miou = sum(r["miou"] for r in sel) / len(sel)
+                fb = sum(r["fbiou"] for r in sel) / len(sel)
+                eps = sum(r["episodes_per_second"] for r in sel) / len(sel)
+                print(f"| {enc} | {kind} | {shots} | {' | '.join(cells)} | {miou:.1f} | {fb:.1f} | {eps:.1f} |")
     return 0
 
 

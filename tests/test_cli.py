@@ -146,6 +146,33 @@ def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):
     assert not out.exists()
 
 
+def test_eval_weak_supports_and_diffup_routing(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(4):
+        _photo(root / "images", f"x{i}.png", seed=i)
+        _mask(root / "masks", f"x{i}.png")
+    scores = {}
+    for kind in ("mask", "box", "scribble"):
+        out = tmp_path / f"report-{kind}"
+        code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--shots", "1", "--episodes", "6",
+                             "--support-annotation", kind, "--out", out, "--no-progress"], capsys)
+        assert code == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["support_annotation"] == kind
+        scores[kind] = summary["miou"]
+    assert len(set(scores.values())) > 1  # the supports really changed
+    with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown kind with the choices
+        _run(["eval", "--dataset", "folder", "--root", root, "--support-annotation", "polygon",
+              "--out", tmp_path / "bad", "--no-progress"], capsys)
+    assert exc.value.code == 2 and "scribble" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    # diffup without --checkpoint on PASCAL: no shipped checkpoint keeps PASCAL classes unseen
+    code, _, err = _run(["eval", "--dataset", "pascal", "--root", tmp_path, "--method", "diffup",
+                         "--out", tmp_path / "bad", "--no-progress"], capsys)
+    assert code == 2 and "PASCAL" in err and "--checkpoint" in err and "Traceback" not in err
+
+
 def test_eval_malformed_json(tmp_path, capsys):
     (tmp_path / "instances.json").write_text("{not json")
     code, _, err = _run(["eval", "--dataset", "coco", "--root", tmp_path, "--out", tmp_path / "r", "--no-progress"], capsys)

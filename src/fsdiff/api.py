@@ -98,12 +98,19 @@ def load_query(image: str | os.PathLike, *, gt: str | os.PathLike | None = None,
     return Query(read_image(image), None if gt is None else read_mask(gt, class_value=class_value), image_id=str(image))
 
 
-def build_segmenter(method: str = DEFAULT_METHOD, *, encoder: str | None = None, **kwargs):
-    """Build a segmenter by name, optionally with another frozen encoder."""
+def build_segmenter(method: str = DEFAULT_METHOD, *, encoder: str | None = None, benchmark: dict | None = None,
+                    **kwargs):
+    """Build a segmenter by name, optionally with another frozen encoder.
+
+    ``benchmark`` ({dataset, fold, convention}) lets a method with shipped weights (diffup) pick the
+    checkpoint that never saw that fold's test classes; other methods ignore it.
+    """
     from fsdiff.methods import build_method
 
     if encoder is not None:
         kwargs["encoder"] = encoder
+    if method == "diffup" and benchmark is not None:
+        kwargs["benchmark"] = benchmark
     return build_method(method, **kwargs)
 
 
@@ -275,6 +282,7 @@ def evaluate_benchmark(
     save_episodes: str | os.PathLike | None = None,
     skip_small_classes: bool = False,
     calibrate_threshold: int = 0,
+    support_annotation: str = "mask",
     out: str | os.PathLike | None = None,
     progress: bool = True,
     segmenter=None,
@@ -284,12 +292,18 @@ def evaluate_benchmark(
     Returns the summary dict (``miou``/``fbiou`` in percent, mean and std over seeds) and the text table.
     ``calibrate_threshold=N`` first sets the segmenter's threshold to the one maximising mIoU on N episodes
     of the fold's *base* (training) classes, so the novel test classes are never used to tune it.
+    ``support_annotation`` = box or scribble replaces every support mask by a box / scribble synthesised
+    from it (:func:`fsdiff.methods.diffup.synth.convert_supports`; the same for every method).
     """
     from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
     from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
     from fsdiff.metrics import check_resolution
 
+    from fsdiff.methods.diffup.synth import SUPPORT_ANNOTATIONS, convert_supports
+
     resolution = check_resolution(resolution)
+    if support_annotation not in SUPPORT_ANNOTATIONS:
+        raise FsdiffError(f"--support-annotation {support_annotation!r}: use one of {', '.join(SUPPORT_ANNOTATIONS)}.")
     if isinstance(shots, bool) or int(shots) < 1:
         raise FsdiffError(f"--shots {shots}: the number of support shots must be a positive integer.")
     if protocol not in ("hsnet", "bam"):
@@ -302,7 +316,8 @@ def evaluate_benchmark(
         if not keep:
             raise FsdiffError(f"no class of {dataset} fold {fold} has more than {shots} images; lower --shots.")
         source.classes = keep
-    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
+    bench = dict(dataset=dataset, fold=fold, convention=convention)
+    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder, benchmark=bench)
     calibrated = None
     if calibrate_threshold:
         calibrated = _calibrate(seg, dataset, root, fold, shots, int(calibrate_threshold), ann, splits_dir, convention, progress)
@@ -334,7 +349,8 @@ def evaluate_benchmark(
 
     results = []
     for seed, run in runs:
-        eps = (build_episode(source, spec, names.get(spec.class_id)) for spec in run)
+        eps = (convert_supports(build_episode(source, spec, names.get(spec.class_id)), support_annotation, seed or 0)
+               for spec in run)
         results.append(evaluate(seg, eps, class_ids, names, resolution=resolution, progress=progress))
     summary = summarize_seeds(results, [s for s, _ in runs])
     meta = {
@@ -348,6 +364,7 @@ def evaluate_benchmark(
         "resolution": resolution,
         "convention": convention if dataset == "coco" else None,
         "classes_skipped": skipped,
+        "support_annotation": support_annotation,
         "threshold_calibrated_on": calibrated,
     }
     if out is not None:

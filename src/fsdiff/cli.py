@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="original", help="score at the 'original' label size or a fixed size such as 400 (HSNet)")
     p.add_argument("--episode-list", default=None, metavar="FILE", help="score on the episodes in this file instead of sampling")
     p.add_argument("--save-episodes", default=None, metavar="FILE", help="write the sampled episodes to this file")
+    p.add_argument("--support-annotation", choices=["mask", "box", "scribble"], default="mask",
+                   help="turn every support mask into this annotation first (weak-label benchmarks; default mask)")
     p.add_argument("--calibrate-threshold", type=int, default=0, metavar="N", help="choose the decision threshold on N episodes of the fold's base classes first")
     p.add_argument("--skip-small-classes", action="store_true", help="leave out classes with no more images than --shots (small datasets); they are listed in summary.json")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and per_class.csv")
@@ -176,11 +178,11 @@ def _method_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _segmenter(args: argparse.Namespace):
+def _segmenter(args: argparse.Namespace, benchmark: dict | None = None):
     """The method named on the command line, wrapped with DifFSS supports when --augment is given."""
     from fsdiff.api import build_segmenter, with_augmentation
 
-    seg = build_segmenter(args.method, encoder=args.encoder, **_method_kwargs(args))
+    seg = build_segmenter(args.method, encoder=args.encoder, benchmark=benchmark, **_method_kwargs(args))
     if getattr(args, "augment", None):
         seg = with_augmentation(
             seg, args.augment, cache=args.augment_cache, model=args.sd_model, controlnet=args.controlnet,
@@ -209,7 +211,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fsdiff.api import evaluate_benchmark
 
-    seg = _segmenter(args)
+    seg = _segmenter(args, benchmark=dict(dataset=args.dataset, fold=args.fold, convention=args.split_convention))
     summary, table = evaluate_benchmark(
         dataset=args.dataset,
         root=args.root,
@@ -228,6 +230,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         save_episodes=args.save_episodes,
         skip_small_classes=args.skip_small_classes,
         calibrate_threshold=args.calibrate_threshold,
+        support_annotation=args.support_annotation,
         out=args.out,
         progress=not args.no_progress,
         segmenter=seg,

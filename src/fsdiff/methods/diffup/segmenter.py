@@ -161,8 +161,9 @@ def load_diffup(
         )
     config = DiffUpConfig(**doc["config"])
     try:
-        uapf = UAPF.from_pretrained(d / "uapf").to(device).eval()
-        uqdd = UQDD.from_pretrained(d / "uqdd").to(device).eval()
+        # shipped checkpoints store float16 weights (half the size); compute runs in float32
+        uapf = UAPF.from_pretrained(d / "uapf").to(device=device, dtype=torch.float32).eval()
+        uqdd = UQDD.from_pretrained(d / "uqdd").to(device=device, dtype=torch.float32).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise FsdiffError(
             f"cannot load the DiffUp weights in {d} ({str(exc).splitlines()[0]}); re-save or re-train it."
@@ -363,10 +364,16 @@ class DiffUpSegmenter:
         return [p.prob for p in self.predict_with_uncertainty(episode)]
 
 
-def build_diffup(**kwargs: Any) -> DiffUpSegmenter:
-    """The registry factory: ``DiffUpSegmenter(**kwargs)``; ``checkpoint=DIR`` is required."""
+def build_diffup(benchmark: Mapping[str, Any] | None = None, **kwargs: Any) -> DiffUpSegmenter:
+    """The registry factory: ``DiffUpSegmenter(**kwargs)``; without ``checkpoint`` the shipped one.
+
+    ``benchmark`` (``dataset``, ``fold``, ``convention``) picks the shipped checkpoint that has not seen
+    the benchmark's test classes (:func:`fsdiff.methods.diffup.shipped.shipped_checkpoint`); None picks
+    the all-classes model.
+    """
     if kwargs.get("checkpoint") is None:
-        raise FsdiffError(
-            f"method 'diffup' needs checkpoint=DIR (CLI: --checkpoint DIR), a trained DiffUp checkpoint; {TRAIN_HINT}."
-        )
+        from fsdiff.methods.diffup.shipped import shipped_checkpoint
+
+        b = dict(benchmark or {})
+        kwargs["checkpoint"] = shipped_checkpoint(b.get("dataset"), b.get("fold"), b.get("convention", "interleaved"))
     return DiffUpSegmenter(**kwargs)

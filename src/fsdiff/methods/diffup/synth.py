@@ -27,6 +27,7 @@ per (seed, episode key), so box/scribble results are reproducible per episode.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections import deque
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ import numpy as np
 from fsdiff.episode import (
     Annotation,
     BoxAnnotation,
+    Episode,
     MaskAnnotation,
     ScribbleAnnotation,
     TextAnnotation,
@@ -324,3 +326,32 @@ def sample_episode_layout(
     chosen = tuple(types[int(i)] for i in gen.integers(0, len(types), size=k))
     use_text = bool(k == 0 or gen.random() < text_prob)
     return EpisodeLayout(k=k, shot_types=chosen, use_text=use_text)
+
+
+# ----------------------------------------------------------------------------------------------------
+# weak-label benchmarks
+# ----------------------------------------------------------------------------------------------------
+SUPPORT_ANNOTATIONS: tuple[str, ...] = ("mask", "box", "scribble")
+"""Support annotation kinds an evaluation can convert its mask supports to."""
+
+
+def convert_supports(episode: Episode, kind: str, seed: int = 0, scribble_width: int = 5) -> Episode:
+    """The episode with every mask support replaced by a ``kind`` annotation synthesised from it.
+
+    Used by the weak-label benchmarks (``fsdiff eval --support-annotation box``) for any method: boxes are
+    the tight box, scribbles come from :func:`synthesize_scribble` (``scribble_width`` px, in the support
+    image's pixels) with a generator keyed by (seed, episode id, shot index, image id), so every method
+    sees the same scribbles. Non-mask supports are kept as they are.
+    """
+    if kind not in SUPPORT_ANNOTATIONS:
+        raise FsdiffError(f"support annotation {kind!r}: use one of {', '.join(SUPPORT_ANNOTATIONS)}.")
+    if kind == "mask":
+        return episode
+    shots = []
+    for i, shot in enumerate(episode.shots):
+        if isinstance(shot.annotation, MaskAnnotation):
+            rng = episode_rng(seed, "support", episode.episode_id, i, shot.image_id)
+            ann = synthesize_annotation(shot.annotation.mask, kind, rng, scribble_width=scribble_width)
+            shot = dataclasses.replace(shot, annotation=ann)
+        shots.append(shot)
+    return dataclasses.replace(episode, shots=tuple(shots))
