@@ -162,8 +162,8 @@ def load_diffup(
     config = DiffUpConfig(**doc["config"])
     try:
         # shipped checkpoints store float16 weights (half the size); compute runs in float32
-        uapf = UAPF.from_pretrained(d / "uapf").to(device=device, dtype=torch.float32).eval()
-        uqdd = UQDD.from_pretrained(d / "uqdd").to(device=device, dtype=torch.float32).eval()
+        uapf = UAPF.from_pretrained(d / "uapf", torch_dtype=torch.float32).to(device).eval()
+        uqdd = UQDD.from_pretrained(d / "uqdd", torch_dtype=torch.float32).to(device).eval()
     except (OSError, ValueError, RuntimeError) as exc:
         raise FsdiffError(
             f"cannot load the DiffUp weights in {d} ({str(exc).splitlines()[0]}); re-save or re-train it."

@@ -25,12 +25,14 @@ its RGB at the mask resolution, and for every (image, class) the label at the ma
 {0,1,255} by area vote) and at twice that (the mask annotations are synthesised from; the scribble width
 ``scribble_width`` is in original-image pixels and scaled accordingly). :meth:`memory_bytes` reports the
 footprint (EfficientNet-Lite0 at 384 px: ~0.41 MB of features per image, ~0.05 MB of labels per pair;
-measured on coco-mini fold 0 train, 342 images / 807 pairs at :func:`cpu_config`'s 320 px: 96 MB of
-features, 117 MB in all, encoded in ~21 s on one CPU thread).
+measured on coco-mini fold 0 train, 342 images / 807 pairs at 320 px: 96 MB of features, 117 MB in all,
+encoded in ~21 s on one CPU thread; at the CPU recipe's 448 px about twice that).
 
-CPU recipe (:func:`cpu_config`, measured on a shared 2-core CPU with one torch thread): input 320, mask
-64 (stride 5), priors 40x40, UNet base 32 with one ResBlock per block, batch 8: ~0.9 s/step (0.1 s of
-it building the batch), so 1000 steps take ~15 min.
+CPU recipe (:func:`cpu_config`, measured on a shared 2-core CPU with one torch thread): input 448, mask
+64 (stride 7), priors 56x56 with the pixel-max matmul in bfloat16, UNet base 32 with one ResBlock per
+block and **no RGB query input** (``query_channels=0``: the condition is the priors alone, which
+generalised better to novel classes than with the RGB encoding, docs/BENCHMARKS.md), batch 8:
+~1.4 s/step alone (~0.5 s of it building the batch), so 1000 steps take ~25 min.
 
 The batch handed to :func:`~fsdiff.methods.diffup.uqdd.training_losses`: ``priors`` (B, K, C, h, w),
 ``type_ids`` (B, K) long, ``present`` (B, K) bool (padding shots False; K >= 1), ``gt`` (B, 1, H, W)
@@ -337,7 +339,7 @@ class DiffUpTrainable:
 
 
 CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
-                                  prior_matmul_dtype="bfloat16")
+                                  query_channels=0, prior_matmul_dtype="bfloat16")
 """DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default."""
 
 
