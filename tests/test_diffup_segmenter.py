@@ -212,8 +212,8 @@ def test_text_prior_path(checkpoint, source, tmp_path):
 def test_bad_checkpoints(checkpoint, tmp_path):
     with pytest.raises(FsdiffError, match="does not exist.*diffup.json"):
         DiffUpSegmenter(tmp_path / "nowhere")
-    with pytest.raises(FsdiffError, match="checkpoint=DIR"):
-        build_diffup()
+    with pytest.raises(FsdiffError, match="PASCAL.*--checkpoint"):
+        build_diffup(benchmark=dict(dataset="pascal", fold=0))  # no shipped checkpoint keeps PASCAL classes unseen
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)
     (broken / "uqdd" / "diffusion_pytorch_model.safetensors").unlink()
@@ -277,3 +277,14 @@ def test_trained_on_real_coco_and_evaluated(shared_data, tmp_path):
     seg = DiffUpSegmenter(tmp_path / "run", steps=2)
     res = evaluate(seg, [build_episode(val, s) for s in specs], val.class_ids(), dict(val.classes), progress=False)
     assert res.n_episodes == 2 and 0 <= res.miou <= 100
+
+
+def test_bf16_precision_is_close_to_fp32(checkpoint, source):
+    ep = episode(source, ("mask",))
+    a = DiffUpSegmenter(checkpoint, steps=3).predict(ep)[0]
+    seg = DiffUpSegmenter(checkpoint, steps=3, precision="bf16")
+    assert seg.bf16 and seg.encoder.autocast_dtype == torch.bfloat16
+    b = seg.predict(ep)[0]
+    assert b.dtype == np.float32 and np.abs(a - b).mean() < 0.02 and not np.array_equal(a, b)
+    with pytest.raises(FsdiffError, match="precision"):
+        DiffUpSegmenter(checkpoint, precision="fp8")
