@@ -70,6 +70,10 @@ def test_config_defaults_follow_methods():
     c = DiffUpConfig()
     assert c.mask_size == 96 and c.prior_size == 48 and c.prior_channels == 9
     assert c.prior_maps == ("proto", "pix", "contrast") and c.anchor_channels == [2, 5, 8]
+    assert DiffUpConfig(uapf_anchor_levels=[2, 1]).anchor_channels == [5, 8]  # the prototype method's levels
+    assert DiffUpConfig(uapf_anchor=False).anchor_channels == []
+    with pytest.raises(FsdiffError, match="uapf_anchor_levels"):
+        DiffUpConfig(uapf_anchor_levels=(3,))
     assert DiffUpConfig(prior_maps=("proto", "pix"), uapf_anchor=False).prior_channels == 6
     assert c.num_train_timesteps == 1000 and c.ddim_steps == 10 and c.ddim_eta == 0.0
     assert c.start_fractions == {"mask": 0.3, "scribble": 0.5, "box": 0.6, "text": 0.8}

@@ -50,6 +50,7 @@ class DiffUpConfig:
     uapf_empty_variance: float = 1000.0  # σ² when no shot and no text is present (μ = 0 logit, p = 0.5)
     uapf_detach_condition: bool = False  # False: UQDD's loss also trains UAPF through the condition
     uapf_anchor: bool = True  # μ_k = logit(mean of the shot's contrast maps) + CNN residual (zero at init)
+    uapf_anchor_levels: tuple[int, ...] | None = None  # levels whose contrast maps form the anchor (None = all)
 
     # --- diffusion ---------------------------------------------------------------------------------
     num_train_timesteps: int = 1000  # T
@@ -108,6 +109,8 @@ class DiffUpConfig:
     def __post_init__(self) -> None:
         self.annotation_types = tuple(self.annotation_types)
         self.prior_maps = tuple(str(m) for m in self.prior_maps)
+        if self.uapf_anchor_levels is not None:
+            self.uapf_anchor_levels = tuple(int(v) for v in self.uapf_anchor_levels)
         self.channel_mult = tuple(int(c) for c in self.channel_mult)
         self.train_shot_types = tuple(self.train_shot_types)
         self.uncertainty_weights = tuple(float(w) for w in self.uncertainty_weights)  # type: ignore[assignment]
@@ -139,6 +142,9 @@ class DiffUpConfig:
             bad("uapf_anchor", "the anchor is the mean contrast map, so prior_maps must include 'contrast'")
         if self.prior_matmul_dtype not in ("float32", "bfloat16"):
             bad("prior_matmul_dtype", "use 'float32' or 'bfloat16'")
+        if self.uapf_anchor_levels is not None and (
+                not self.uapf_anchor_levels or any(not 0 <= v < self.prior_levels for v in self.uapf_anchor_levels)):
+            bad("uapf_anchor_levels", f"need level indices in 0..{self.prior_levels - 1} (or None for all)")
         if not self.contrast_temperature > 0:
             bad("contrast_temperature", "must be > 0")
         if not 0.0 <= self.contrast_proto_weight <= 1.0:
@@ -199,7 +205,8 @@ class DiffUpConfig:
         if not self.uapf_anchor:
             return []
         j = self.prior_maps.index("contrast")
-        return [lvl * self.prior_maps_per_level + j for lvl in range(self.prior_levels)]
+        levels = range(self.prior_levels) if self.uapf_anchor_levels is None else sorted(set(self.uapf_anchor_levels))
+        return [lvl * self.prior_maps_per_level + j for lvl in levels]
 
     @property
     def prior_channels(self) -> int:

@@ -223,7 +223,7 @@ class DiffUpSegmenter:
         threshold: float = 0.5,
         text_model: str | TextPrior | None = None,
         device: str | torch.device = "cpu",
-        precision: str | None = None,
+        precision: str | None = "auto",
         cache: FeatureCache | None = None,
     ) -> None:
         """Load ``checkpoint`` (a directory from :func:`save_diffup` or a training output with ``final/``).

@@ -339,7 +339,7 @@ class DiffUpTrainable:
 
 
 CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
-                                  query_channels=0, prior_matmul_dtype="bfloat16")
+                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2))
 """DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default."""
 
 
