@@ -22,6 +22,7 @@ from fsdiff.methods.diffup.baft import (
     query_extra,
     replicate_text,
     contrast_map,
+    pooled_prior,
     shot_prior,
     support_region,
     support_regions,
@@ -115,6 +116,38 @@ def test_contrast_maps_by_hand(levels):
     np.testing.assert_allclose(no_bg, 1 / (1 + np.exp(-(s_fg - s_fg.mean()) / 0.2)), atol=1e-5)
     with pytest.raises(FsdiffError, match="unknown prior maps"):
         shot_prior(q, s, fg, 8, maps=("proto", "edges"))
+
+
+def test_pooled_prior_pools_like_the_prototype_method(levels):
+    q, s = levels
+    g = torch.Generator().manual_seed(5)
+    s2 = [torch.randn(t.shape, generator=g) for t in s]
+    fg1 = np.zeros((8, 8), bool)
+    fg1[1:6, 2:7] = True
+    fg2 = np.zeros((8, 8), bool)
+    fg2[4:8, 0:3] = True
+    maps = ("proto", "pix", "contrast")
+    one = pooled_prior(q, [(s, fg1, ~fg1)], 8, maps=maps)
+    assert torch.equal(one, shot_prior(q, s, fg1, 8, background=~fg1, maps=maps))  # one shot: the shot prior
+    got = pooled_prior(q, [(s, fg1, ~fg1), (s2, fg2, None)], 8, maps=maps)
+    lv = 1  # check level 1 (4x4 grid) by hand: mean prototype, max of the pixel-max maps
+    w1 = F.interpolate(torch.from_numpy(fg1).float()[None, None], size=(4, 4), mode="area")[0, 0].numpy()
+    w2 = F.interpolate(torch.from_numpy(fg2).float()[None, None], size=(4, 4), mode="area")[0, 0].numpy()
+    wb = F.interpolate(torch.from_numpy(~fg1).float()[None, None], size=(4, 4), mode="area")[0, 0].numpy()
+    qn = q[lv].numpy()
+    p1 = (s[lv].numpy() * w1[None]).sum((1, 2)) / (w1.sum() + 1e-6)
+    p2 = (s2[lv].numpy() * w2[None]).sum((1, 2)) / (w2.sum() + 1e-6)
+    proto = np.array([[_cos(qn[:, y, x], (p1 + p2) / 2) for x in range(4)] for y in range(4)])
+    pix = np.maximum(_hand_level(qn, s[lv].numpy(), w1)[1], _hand_level(qn, s2[lv].numpy(), w2)[1])
+    up = lambda a: F.interpolate(torch.from_numpy(a).float()[None, None], size=(8, 8), mode="bilinear",  # noqa: E731
+                                 align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(got[3].numpy(), up(_minmax(proto)), atol=1e-5)
+    np.testing.assert_allclose(got[4].numpy(), up(_minmax(pix)), atol=1e-5)
+    bg = _hand_level(qn, s[lv].numpy(), wb)  # only shot 1 has a background
+    exp = 1 / (1 + np.exp(-((0.5 * proto + 0.5 * pix) - (0.5 * bg[0] + 0.5 * bg[1])) / 0.1))
+    np.testing.assert_allclose(got[5].numpy(), up(exp), atol=1e-4)
+    with pytest.raises(FsdiffError, match="at least one"):
+        pooled_prior(q, [], 8)
 
 
 def test_bf16_pixel_max_is_close_to_fp32():

@@ -288,3 +288,20 @@ def test_bf16_precision_is_close_to_fp32(checkpoint, source):
     assert b.dtype == np.float32 and np.abs(a - b).mean() < 0.02 and not np.array_equal(a, b)
     with pytest.raises(FsdiffError, match="precision"):
         DiffUpSegmenter(checkpoint, precision="fp8")
+
+
+def test_kshot_pooling_modes(checkpoint, source):
+    ep = episode(source, ("mask", "box"))
+    per = DiffUpSegmenter(checkpoint, steps=2).episode_priors(ep)[0]
+    pooled = DiffUpSegmenter(checkpoint, steps=2, kshot="pooled").episode_priors(ep)[0]
+    both = DiffUpSegmenter(checkpoint, steps=2, kshot="both").episode_priors(ep)[0]
+    assert per["types"] == ("mask", "box") and pooled["types"] == ("mask",)  # the finest type names the pool
+    assert both["types"] == ("mask", "box", "mask") and torch.equal(both["priors"][:2], per["priors"])
+    assert torch.equal(both["priors"][2], pooled["priors"][0])
+    one = episode(source, ("box",))  # a single shot is never pooled
+    assert torch.equal(DiffUpSegmenter(checkpoint, kshot="pooled").episode_priors(one)[0]["priors"],
+                       DiffUpSegmenter(checkpoint).episode_priors(one)[0]["priors"])
+    p = DiffUpSegmenter(checkpoint, steps=2, kshot="pooled").predict(ep)[0]
+    assert p.shape == ep.queries[0].shape and 0 <= p.min() and p.max() <= 1
+    with pytest.raises(FsdiffError, match="kshot"):
+        DiffUpSegmenter(checkpoint, kshot="mean")

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 prior (default kandinsky-community/kandinsky-2-2-prior)")
     p.add_argument("--decoder", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 decoder (default kandinsky-community/kandinsky-2-2-decoder)")
     p.add_argument("--input-size", type=int, default=None, help="diffseg: image size (default 512)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: diffup 1000; diffseg 200 epochs)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: diffup 300; diffseg 200 epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="default: diffup 8, diffseg 4")
     p.add_argument("--lr", type=float, default=None, help="default: diffup 3e-4 (AdamW), diffseg 0.01 (SGD)")
     p.add_argument("--warmup", type=int, default=None)

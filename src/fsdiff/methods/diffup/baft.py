@@ -180,22 +180,64 @@ def shot_prior(
     ``maps`` per level, in order: ``proto`` / ``pix`` (min-max normalised cosines to the fg region) and
     ``contrast`` (:func:`contrast_map` against the ``background`` region, not normalised).
     """
-    if len(query_feats) != len(support_feats):
-        raise FsdiffError(
-            f"BAFT: the query has {len(query_feats)} feature levels but the support {len(support_feats)}."
-        )
+    return pooled_prior(query_feats, [(support_feats, region, background)], size, pixel_threshold, maps=maps,
+                        temperature=temperature, proto_weight=proto_weight, matmul_dtype=matmul_dtype)
+
+
+def _pooled_raw(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], pixel_threshold: float,
+                matmul_dtype: torch.dtype | None) -> torch.Tensor:
+    """Raw (2, h, w) [cos to the mean of the shots' prototypes, max over shots of the pixel-max cosine]."""
+    for s, _ in sups:
+        if q.ndim != 3 or s.ndim != 3 or q.shape[0] != s.shape[0]:
+            raise FsdiffError(
+                f"BAFT: query and support features of one level must be (C, h, w) with the same C, got "
+                f"{tuple(q.shape)} and {tuple(s.shape)}."
+            )
+    proto = torch.stack([masked_average_pooling(s, w) for s, w in sups]).mean(0)
+    p_proto = prototype_cosine(q, proto)
+    p_pix = torch.stack([pixel_max_cosine(q, s, w, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
+                         for s, w in sups]).amax(0)
+    return torch.stack([p_proto, p_pix])
+
+
+def pooled_prior(
+    query_feats: Sequence[torch.Tensor],
+    supports: Sequence[tuple[Sequence[torch.Tensor], np.ndarray | torch.Tensor, np.ndarray | torch.Tensor | None]],
+    size: int | tuple[int, int],
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    *,
+    maps: Sequence[str] = ("proto", "pix"),
+    temperature: float = CONTRAST_TEMPERATURE,
+    proto_weight: float = CONTRAST_PROTO_WEIGHT,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One prior from several shots ``(features, fg region, bg region or None)`` pooled like the prototype
+    method: the prototype is the mean of the shots' prototypes and the pixel-max runs over every shot's
+    cells (bg likewise over the shots that have background); one shot gives :func:`shot_prior`."""
+    if not supports:
+        raise FsdiffError("BAFT: pooling needs at least one support shot.")
+    for feats, _, _ in supports:
+        if len(query_feats) != len(feats):
+            raise FsdiffError(f"BAFT: the query has {len(query_feats)} feature levels but the support {len(feats)}.")
     unknown = [m for m in maps if m not in ("proto", "pix", "contrast")]
     if unknown or not maps:
         raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use proto, pix and/or contrast.")
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     out = []
-    for q, s in zip(query_feats, support_feats):
-        s = s.to(q.device, q.dtype)
-        grid = tuple(s.shape[-2:])
-        w = region_weights(region, grid).to(q.device, q.dtype)
-        if float(w.sum()) <= 0:
-            raise FsdiffError("BAFT: the support region is empty on the feature grid.")
-        raw = level_priors(q, s, w, pixel_threshold, matmul_dtype)
+    for lvl, q in enumerate(query_feats):
+        fg_sups, bg_sups = [], []
+        for feats, region, background in supports:
+            s = feats[lvl].to(q.device, q.dtype)
+            grid = tuple(s.shape[-2:])
+            w = region_weights(region, grid).to(q.device, q.dtype)
+            if float(w.sum()) <= 0:
+                raise FsdiffError("BAFT: the support region is empty on the feature grid.")
+            fg_sups.append((s, w))
+            if background is not None and "contrast" in maps:
+                wb = region_weights(background, grid).to(q.device, q.dtype)
+                if float(wb.sum()) > 0:
+                    bg_sups.append((s, wb))
+        raw = _pooled_raw(q, fg_sups, pixel_threshold, matmul_dtype)
         norm = minmax_normalise(raw, dims=(1, 2))  # per map, per episode
         level = []
         for name in maps:
@@ -204,11 +246,7 @@ def shot_prior(
             elif name == "pix":
                 level.append(norm[1])
             else:
-                bg_raw = None
-                if background is not None:
-                    wb = region_weights(background, grid).to(q.device, q.dtype)
-                    if float(wb.sum()) > 0:
-                        bg_raw = level_priors(q, s, wb, pixel_threshold, matmul_dtype)
+                bg_raw = _pooled_raw(q, bg_sups, pixel_threshold, matmul_dtype) if bg_sups else None
                 level.append(contrast_map(raw, bg_raw, temperature, proto_weight))
         out.append(_resize_map(torch.stack(level), size))
     return torch.cat(out, 0).clamp_(0.0, 1.0)

@@ -54,6 +54,7 @@ from fsdiff.methods.diffup.baft import (
     query_extra,
     replicate_text,
     config_prior_kwargs,
+    pooled_prior,
     shot_prior,
     support_regions,
 )
@@ -225,6 +226,7 @@ class DiffUpSegmenter:
         device: str | torch.device = "cpu",
         precision: str | None = "auto",
         cache: FeatureCache | None = None,
+        kshot: str = "uapf",
     ) -> None:
         """Load ``checkpoint`` (a directory from :func:`save_diffup` or a training output with ``final/``).
 
@@ -233,6 +235,9 @@ class DiffUpSegmenter:
         (start at T). ``adaptive``: DQM-adaptive t* (default: the config's ``adaptive_start``).
         ``text_model``: a CLIP hub id / directory (or 'auto' = the default CLIP if it is in the local
         cache) for the text prior; None = no text prior.
+        ``kshot``: how K > 1 spatial shots enter: "uapf" = one prior per shot fused by UAPF (the paper's
+        design); "pooled" = one prior pooled over the shots as the prototype method pools them (mean
+        prototype, pixel-max over all shots' cells); "both" = the per-shot priors plus the pooled one.
         ``precision``: None/"fp32" = float32 everywhere; "bf16" = bfloat16 autocast for the encoder and
         the UAPF/UQDD passes; "auto" = bf16 where the device runs it natively (~1.5x faster sampling on
         an AVX512-BF16 CPU; the coco-mini mIoU difference is in docs/BENCHMARKS.md), else float32.
@@ -251,6 +256,9 @@ class DiffUpSegmenter:
             if not trained_with:
                 raise FsdiffError(f"DiffUp checkpoint {self.checkpoint} does not name its encoder; pass encoder=NAME.")
             encoder = trained_with
+        if kshot not in ("uapf", "pooled", "both"):
+            raise FsdiffError(f"kshot must be 'uapf', 'pooled' or 'both', got {kshot!r}.")
+        self.kshot = kshot
         if precision not in (None, "fp32", "float32", "bf16", "bfloat16", "auto"):
             raise FsdiffError(f"precision must be one of None, 'fp32', 'bf16', 'auto', got {precision!r}.")
         self.bf16 = precision in ("bf16", "bfloat16") or (precision == "auto" and native_bf16(self.device))
@@ -308,13 +316,20 @@ class DiffUpSegmenter:
         sup_feats, qry_feats = feats[: len(spatial)], feats[len(spatial):]
         regions = [support_regions(s.annotation, s.shape) for s in spatial]
         pkw = config_prior_kwargs(cfg)
+        pool = self.kshot != "uapf" and len(spatial) > 1
         out = []
         with torch.inference_mode():
             for query, qf in zip(episode.queries, qry_feats):
                 priors, types = [], []
-                for s, sf, reg in zip(spatial, sup_feats, regions):
-                    priors.append(shot_prior(qf, sf, reg[0], size, background=reg[1], **pkw))
-                    types.append(prior_type(s.annotation.kind))
+                if not pool or self.kshot == "both":
+                    for s, sf, reg in zip(spatial, sup_feats, regions):
+                        priors.append(shot_prior(qf, sf, reg[0], size, background=reg[1], **pkw))
+                        types.append(prior_type(s.annotation.kind))
+                if pool:  # one prior pooled over all shots, typed as the finest annotation among them
+                    sups = [(sf, reg[0], reg[1]) for sf, reg in zip(sup_feats, regions)]
+                    priors.append(pooled_prior(qf, sups, size, **pkw))
+                    kinds = [prior_type(s.annotation.kind) for s in spatial]
+                    types.append(min(kinds, key=lambda k: cfg.start_fractions.get(k, 1.0)))
                 if self.text is not None:
                     tp = self.text.prior(query.image, episode.class_name, size).to(self.device)
                     priors.append(replicate_text(tp, cfg.prior_channels))

@@ -32,7 +32,7 @@ CPU recipe (:func:`cpu_config`, measured on a shared 2-core CPU with one torch t
 64 (stride 7), priors 56x56 with the pixel-max matmul in bfloat16, UNet base 32 with one ResBlock per
 block and **no RGB query input** (``query_channels=0``: the condition is the priors alone, which
 generalised better to novel classes than with the RGB encoding, docs/BENCHMARKS.md), batch 8:
-~1.4 s/step alone (~0.5 s of it building the batch), so 1000 steps take ~25 min.
+~1.4 s/step alone (~0.5 s of it building the batch), so the recipe's 300 steps take ~8 min.
 
 The batch handed to :func:`~fsdiff.methods.diffup.uqdd.training_losses`: ``priors`` (B, K, C, h, w),
 ``type_ids`` (B, K) long, ``present`` (B, K) bool (padding shots False; K >= 1), ``gt`` (B, 1, H, W)
@@ -357,18 +357,18 @@ def train_diffup(
     text_model: str | TextPrior | None = None,
     classes: Sequence[int] | None = None,
     seed: int = 0,
-    steps: int = 1000,
+    steps: int = 300,
     batch_size: int = 8,
     lr: float = 3e-4,
-    warmup: int = 50,
+    warmup: int = 30,
     save_every: int = 250,
     progress: bool = True,
     **train_kwargs: Any,
 ):
     """Build a :class:`DiffUpTrainable` (default: :func:`cpu_config`) and run :func:`fsdiff.train.train`.
 
-    Defaults are the CPU recipe (1000 steps, batch 8, AdamW lr 3e-4 with 50 warm-up steps and cosine
-    decay, weight decay 1e-2); the weights end up in ``out_dir/final`` (load with ``DiffUpSegmenter``).
+    Defaults are the CPU recipe (300 steps, batch 8, AdamW lr 3e-4 with 30 warm-up steps and cosine
+    decay, weight decay 1e-2; longer training over-fits coco-mini's base classes, docs/BENCHMARKS.md); the weights end up in ``out_dir/final`` (load with ``DiffUpSegmenter``).
     """
     from fsdiff.train import train
 
