@@ -172,7 +172,7 @@ def test_encoder_swap_at_load_time(checkpoint, source):
      (("box", "scribble"), 500)],
 )
 def test_start_step_by_annotation_type(checkpoint, source, kinds, t_star):
-    p = DiffUpSegmenter(checkpoint, steps=2).predict_with_uncertainty(episode(source, kinds))[0]
+    p = DiffUpSegmenter(checkpoint, steps=2, kshot="uapf").predict_with_uncertainty(episode(source, kinds))[0]
     assert p.t_start == t_star
     assert p.types == tuple("scribble" if k == "points" else k for k in kinds)
 
@@ -292,8 +292,8 @@ def test_bf16_precision_is_close_to_fp32(checkpoint, source):
 
 def test_kshot_pooling_modes(checkpoint, source):
     ep = episode(source, ("mask", "box"))
-    per = DiffUpSegmenter(checkpoint, steps=2).episode_priors(ep)[0]
-    pooled = DiffUpSegmenter(checkpoint, steps=2, kshot="pooled").episode_priors(ep)[0]
+    per = DiffUpSegmenter(checkpoint, steps=2, kshot="uapf").episode_priors(ep)[0]
+    pooled = DiffUpSegmenter(checkpoint, steps=2).episode_priors(ep)[0]  # pooled is the default
     both = DiffUpSegmenter(checkpoint, steps=2, kshot="both").episode_priors(ep)[0]
     assert per["types"] == ("mask", "box") and pooled["types"] == ("mask",)  # the finest type names the pool
     assert both["types"] == ("mask", "box", "mask") and torch.equal(both["priors"][:2], per["priors"])
