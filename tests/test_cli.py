@@ -114,13 +114,18 @@ def test_demo_writes_overlays(tmp_path, capsys):
     assert "IoU" in stdout
 
 
-def test_eval_on_a_user_folder(tmp_path, capsys):
-    root = tmp_path / "ds"
+def _user_folder(root):
+    """Four photos with masks in the user-folder layout (images/, masks/)."""
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(4):
         _photo(root / "images", f"x{i}.png", seed=i)
         _mask(root / "masks", f"x{i}.png")
+    return root
+
+
+def test_eval_on_a_user_folder(tmp_path, capsys):
+    root = _user_folder(tmp_path / "ds")
     out = tmp_path / "report"
     code, stdout, err = _run(["eval", "--dataset", "folder", "--root", root, "--shots", "1", "--out", out, "--no-progress"], capsys)
     assert code == 0, err
@@ -147,12 +152,7 @@ def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):
 
 
 def test_eval_weak_supports_and_diffup_routing(tmp_path, capsys, monkeypatch):
-    root = tmp_path / "ds"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for i in range(4):
-        _photo(root / "images", f"x{i}.png", seed=i)
-        _mask(root / "masks", f"x{i}.png")
+    root = _user_folder(tmp_path / "ds")
     scores = {}
     for kind in ("mask", "box", "scribble"):
         out = tmp_path / f"report-{kind}"

@@ -93,3 +93,32 @@ def test_convert_supports_box_and_scribble():
     assert not np.array_equal(strokes, other)
     with pytest.raises(FsdiffError, match="polygon"):
         convert_supports(ep, "polygon")
+
+
+# --------------------------------------------------------------------------------------------------
+# the checkpoints that ship in the package
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fold", shipped.SHIPPED_FOLDS)
+def test_shipped_fold_checkpoint_never_saw_its_fold(fold):
+    from fsdiff.data.coco import coco_fold_classes
+
+    path = shipped.shipped_checkpoint("coco", fold)
+    config, _, _, meta = load_diffup(path)
+    novel = set(coco_fold_classes(80, fold, "interleaved"))
+    base = set(meta["base_classes"])
+    assert base and not (base & novel)  # honest novel-class evaluation
+    assert meta["source"]["fold"] == fold and meta["encoder"] == "efficientnet-lite0"
+    assert meta["exported_dtype"] == "float16" and meta["step"] == meta["trainer"]["steps"]
+    assert config.query_channels == 0 and config.uapf_anchor and config.residual_prior
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    assert size < 8e6
+
+
+def test_shipped_all_classes_checkpoint_runs_on_the_demo(tmp_path):
+    from fsdiff.api import demo
+
+    path = shipped.shipped_checkpoint()
+    _, _, _, meta = load_diffup(path)
+    assert meta["source"]["fold"] is None and len(meta["base_classes"]) > 60
+    results = demo(tmp_path / "demo", segmenter=build_diffup())
+    assert results and all(0.3 < r.iou <= 1.0 for r in results)  # the person is found in both photos
