@@ -297,3 +297,22 @@ def test_calibrated_threshold_uses_base_classes_only(shared_data, tmp_path):
     novel = set(range(0, 80, 4))  # interleaved fold 0 test classes: indexes 4m
     calibration_classes = Constant.seen - novel
     assert calibration_classes, "calibration must have used base classes"
+
+
+def test_calibration_sees_the_same_support_kind(shared_data):
+    """With --support-annotation box, the base-class calibration episodes get boxes too."""
+    from fsdiff.api import evaluate_benchmark
+
+    class Recorder:
+        name = "recorder"
+        threshold = 0.5
+        kinds: list = []
+
+        def predict(self, episode):
+            Recorder.kinds.append(tuple(s.annotation.kind for s in episode.shots))
+            return [np.where(q.gt == 1, 0.9, 0.1).astype(np.float32) for q in episode.queries]
+
+    summary, _ = evaluate_benchmark("coco", shared_data / "coco-mini", fold=0, shots=1, episodes=3, segmenter=Recorder(),
+                                    calibrate_threshold=2, support_annotation="box", progress=False)
+    assert summary["threshold_calibrated_on"]["support_annotation"] == "box" and summary["support_annotation"] == "box"
+    assert len(Recorder.kinds) >= 5 and set(Recorder.kinds) == {("box",)}

@@ -245,10 +245,14 @@ def with_augmentation(
     return AugmentedSegmenter(segmenter, Augmenter(gen, spec, per_shot=per_shot))
 
 
-def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, progress) -> dict:
-    """Choose ``seg.threshold`` on ``n`` HSNet-protocol episodes (seed 1) of the fold's base classes."""
+def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, progress, support_annotation="mask") -> dict:
+    """Choose ``seg.threshold`` on ``n`` HSNet-protocol episodes (seed 1) of the fold's base classes.
+
+    The supports are converted to ``support_annotation`` exactly as in the scored episodes.
+    """
     from fsdiff.data.sampler import build_episode, sample_episodes
     from fsdiff.evaluate import choose_threshold
+    from fsdiff.methods.diffup.synth import convert_supports
 
     if n < 1:
         raise FsdiffError(f"--calibrate-threshold {n}: give a positive number of validation episodes.")
@@ -258,9 +262,10 @@ def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, 
     base.classes = [(c, name) for c, name in base.classes if len(base.images_of_class(c)) > shots]
     specs = sample_episodes(base, "hsnet", n, shots, 1)
     names = {c: base.class_name(c) for c in base.class_ids()}
-    episodes = (build_episode(base, spec, names.get(spec.class_id)) for spec in specs)
+    episodes = (convert_supports(build_episode(base, spec, names.get(spec.class_id)), support_annotation, 1)
+                for spec in specs)
     threshold = choose_threshold(seg, episodes)
-    return {"split": "trn", "episodes": n, "seed": 1, "threshold": threshold}
+    return {"split": "trn", "episodes": n, "seed": 1, "threshold": threshold, "support_annotation": support_annotation}
 
 
 def evaluate_benchmark(
@@ -320,7 +325,8 @@ def evaluate_benchmark(
     seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder, benchmark=bench)
     calibrated = None
     if calibrate_threshold:
-        calibrated = _calibrate(seg, dataset, root, fold, shots, int(calibrate_threshold), ann, splits_dir, convention, progress)
+        calibrated = _calibrate(seg, dataset, root, fold, shots, int(calibrate_threshold), ann, splits_dir, convention,
+                                progress, support_annotation)
     class_ids = source.class_ids()
     names = {c: source.class_name(c) for c in class_ids}
 
