@@ -53,12 +53,16 @@ def main() -> int:
         k, v = kv.split("=", 1)
         extra[k] = json.loads(v) if v[:1] in "0123456789-[{tf" else v
     rows = []
+    # a trained method needs the checkpoint of each fold; otherwise one segmenter (and feature cache) per encoder
+    per_fold = args.method == "diffup" or "{fold}" in (args.checkpoint or "")
     for enc in args.encoders:
+        seg = None
         for fold in args.folds:
-            kw = dict(extra)
-            if args.checkpoint:
-                kw["checkpoint"] = args.checkpoint.format(fold=fold)
-            seg = build_segmenter(args.method, encoder=enc, benchmark=dict(dataset="coco", fold=fold), **kw)
+            if seg is None or per_fold:
+                kw = dict(extra)
+                if args.checkpoint:
+                    kw["checkpoint"] = args.checkpoint.format(fold=fold)
+                seg = build_segmenter(args.method, encoder=enc, benchmark=dict(dataset="coco", fold=fold), **kw)
             for kind in args.support_annotations:
                 for shots in args.shots:
                     t0 = time.perf_counter()

@@ -307,3 +307,15 @@ def test_make_batch_is_seeded_collated_and_uses_text(tmp_path):
     assert torch.equal(e0["query_rgb"].flip(-1), e1["query_rgb"])
     out = t.loss(a, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and "t" not in out
+
+
+def test_train_class_subset_and_unknown_class():
+    from test_diffup_segmenter import ToySource
+
+    src = ToySource()
+    ids = src.class_ids()
+    assert src.select_classes() == ids and src.select_classes(list(reversed(ids[:1]))) == ids[:1]
+    t = DiffUpTrainable(src, DiffUpConfig(**TINY), classes=ids[:1], precompute=False, progress=False)
+    assert t.classes == ids[:1]
+    with pytest.raises(FsdiffError, match=r"classes \[999\] are not classes of the toy source"):
+        DiffUpTrainable(src, DiffUpConfig(**TINY), classes=[999], precompute=False, progress=False)

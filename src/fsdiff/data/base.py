@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,17 @@ class FewShotSource(abc.ABC):
     def class_ids(self) -> list[int]:
         """The class ids of this fold and split, in order."""
         return [cid for cid, _ in self.classes]
+
+    def select_classes(self, classes: Sequence[int] | None = None) -> list[int]:
+        """The source's class ids in its order, restricted to ``classes`` (None = all); unknown ids raise."""
+        known = self.class_ids()
+        if classes is None:
+            return known
+        bad = [c for c in classes if c not in known]
+        if bad:
+            raise FsdiffError(f"classes {bad} are not classes of the {self.name} source (it has {known[:20]}...).")
+        wanted = set(classes)
+        return [c for c in known if c in wanted]
 
     def class_name(self, class_id: int) -> str:
         """The name of ``class_id``; FsdiffError if the class is not in this fold and split."""

@@ -138,12 +138,7 @@ class DiffSegTrainable:
         self.config = self.model.config
         self.size = int(self.config.input_size)
 
-        known = [cid for cid, _ in source.classes]
-        if classes is not None:
-            bad = [c for c in classes if c not in known]
-            if bad:
-                raise FsdiffError(f"classes {bad} are not classes of this source (it has {known[:20]}...).")
-        wanted = known if classes is None else [c for c in known if c in set(classes)]
+        wanted = source.select_classes(classes)
         self.pools = {c: list(dict.fromkeys(source.images_of_class(c))) for c in wanted}
         self.classes = [c for c in wanted if len(self.pools[c]) >= self.shots + 1]
         if not self.classes:

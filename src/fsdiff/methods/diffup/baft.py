@@ -134,15 +134,7 @@ def level_priors(
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Raw (2, h, w) [P_proto, P_pix] cosines of one level: query (C, h, w), support (C, hs, ws), weights (hs, ws)."""
-    if query.ndim != 3 or support.ndim != 3 or query.shape[0] != support.shape[0]:
-        raise FsdiffError(
-            f"BAFT: query and support features of one level must be (C, h, w) with the same C, got "
-            f"{tuple(query.shape)} and {tuple(support.shape)}."
-        )
-    proto = masked_average_pooling(support, weights)
-    p_proto = prototype_cosine(query, proto)
-    p_pix = pixel_max_cosine(query, support, weights, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
-    return torch.stack([p_proto, p_pix])
+    return _pooled_raw(query, [(support, weights)], pixel_threshold, matmul_dtype)
 
 
 def contrast_map(

@@ -92,7 +92,7 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     from fsdiff.methods.diffup.segmenter import load_diffup, save_diffup
 
     config, uapf, uqdd, meta = load_diffup(src)
-    info = {k: v for k, v in meta.items()}
+    info = dict(meta)
     info["exported_dtype"] = str(dtype).replace("torch.", "")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)

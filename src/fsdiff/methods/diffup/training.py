@@ -147,6 +147,7 @@ class DiffUpTrainable:
             text_model = load_text_prior(text_model, device=self.device, required=True)
         self.text = text_model
         self.encode_batch = int(encode_batch)
+        self.prior_kwargs = config_prior_kwargs(self.config)
         self.progress = bool(progress)
 
         with torch.random.fork_rng(devices=[]):  # fresh weights depend on the seed only; global RNG untouched
@@ -155,12 +156,7 @@ class DiffUpTrainable:
         self.uapf.to(self.device)
         self.uqdd.to(self.device)
 
-        known = [cid for cid, _ in source.classes]
-        if classes is not None:
-            bad = [c for c in classes if c not in known]
-            if bad:
-                raise FsdiffError(f"classes {bad} are not classes of this source (it has {known[:20]}...).")
-        wanted = known if classes is None else [c for c in known if c in set(classes)]
+        wanted = source.select_classes(classes)
         self.classes = [cid for cid in wanted if source.images_of_class(cid)]
         if not self.classes:
             raise FsdiffError(f"the {source.name} source has no class with an image; cannot train DiffUp on it.")
@@ -275,7 +271,7 @@ class DiffUpTrainable:
             annotation = synthesize_annotation(label, t, rng, scribble_width=width)
             fg, bg = support_regions(annotation, label.shape)
             sf = [f.to(dev, torch.float32) for f in self.feats[s]]
-            priors.append(shot_prior(qf, sf, fg, size, background=bg, **config_prior_kwargs(cfg)))
+            priors.append(shot_prior(qf, sf, fg, size, background=bg, **self.prior_kwargs))
             type_names.append(t)
         if use_text:
             dense = self.clip[query].to(torch.float32)
