@@ -150,6 +150,88 @@ def test_pooled_prior_pools_like_the_prototype_method(levels):
         pooled_prior(q, [], 8)
 
 
+def _area(region: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    return F.interpolate(torch.from_numpy(region).float()[None, None], size=grid, mode="area")[0, 0].numpy()
+
+
+def _bilinear(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if a.shape == tuple(size):
+        return a
+    return F.interpolate(torch.from_numpy(a).float()[None, None], size=size, mode="bilinear",
+                         align_corners=False)[0, 0].numpy()
+
+
+def test_self_support_map_by_hand(levels):
+    """SSP-style self map: first estimate = mean contrast of the chosen levels; query prototypes from its
+    confident cells mixed with the support's; the fg pixel-max also over the confident query cells."""
+    q, s = levels
+    fg = np.zeros((8, 8), bool)
+    fg[1:6, 2:7] = True
+    bg = ~fg
+    kw = dict(temperature=0.2, proto_weight=0.25, self_levels=(0, 1), self_fg_threshold=0.55,
+              self_bg_threshold=0.45, self_mix=0.3)
+    got = shot_prior(q, s, fg, 8, background=bg, maps=("contrast", "self"), **kw)
+    assert got.shape == (6, 8, 8)
+
+    def contrast(lv):
+        grid = tuple(s[lv].shape[-2:])
+        rf = _hand_level(q[lv].numpy(), s[lv].numpy(), _area(fg, grid))
+        rb = _hand_level(q[lv].numpy(), s[lv].numpy(), _area(bg, grid))
+        return 1 / (1 + np.exp(-((0.25 * rf[0] + 0.75 * rf[1]) - (0.25 * rb[0] + 0.75 * rb[1])) / 0.2))
+
+    estimate = (_bilinear(contrast(0), (8, 8)) + _bilinear(contrast(1), (8, 8))) / 2
+    for lv in range(3):
+        qn, sn = q[lv].numpy(), s[lv].numpy()
+        c, h, w = qn.shape
+        est = _bilinear(estimate, (h, w))
+        fcells = [(y, x) for y in range(h) for x in range(w) if est[y, x] > 0.55]
+        bcells = [(y, x) for y in range(h) for x in range(w) if est[y, x] < 0.45]
+        if not fcells:  # at least the best cell
+            fcells = [np.unravel_index(int(np.argmax(est)), est.shape)]
+        wf, wb = _area(fg, (sn.shape[1], sn.shape[2])), _area(bg, (sn.shape[1], sn.shape[2]))
+        pf = (sn * wf[None]).sum((1, 2)) / (wf.sum() + 1e-6)
+        pb = (sn * wb[None]).sum((1, 2)) / (wb.sum() + 1e-6)
+        qf = np.mean([qn[:, y, x] for y, x in fcells], axis=0)
+        pf = 0.3 * pf + 0.7 * qf
+        if bcells:
+            pb = 0.3 * pb + 0.7 * np.mean([qn[:, y, x] for y, x in bcells], axis=0)
+        pix_f = _hand_level(qn, sn, wf)[1]
+        pix_b = _hand_level(qn, sn, wb)[1]
+        exp = np.zeros((h, w))
+        for y in range(h):
+            for x in range(w):
+                self_pix = max(_cos(qn[:, y, x], qn[:, yy, xx]) for yy, xx in fcells)
+                s_fg = 0.25 * _cos(qn[:, y, x], pf) + 0.75 * max(pix_f[y, x], self_pix)
+                s_bg = 0.25 * _cos(qn[:, y, x], pb) + 0.75 * pix_b[y, x]
+                exp[y, x] = 1 / (1 + np.exp(-(s_fg - s_bg) / 0.2))
+        np.testing.assert_allclose(got[2 * lv + 1].numpy(), _bilinear(exp, (8, 8)), atol=1e-4)
+        np.testing.assert_allclose(got[2 * lv].numpy(), _bilinear(contrast(lv), (8, 8)), atol=1e-4)
+    with pytest.raises(FsdiffError, match="self_levels"):
+        shot_prior(q, s, fg, 8, background=bg, maps=("self",), self_levels=(3,))
+
+
+def test_self_support_map_finds_the_query_object():
+    """A query whose object matches the support only at a 2x2 core: the self map, spreading from the
+    confident cells over the query's own object features, is sure of the whole object where the
+    contrast map is not."""
+    g = torch.Generator().manual_seed(1)
+    obj, back = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    support = back[:, None, None].expand(8, 8, 8).clone()
+    support[:, 2:6, 2:6] = obj[:, None, None]
+    query = back[:, None, None].expand(8, 8, 8).clone() + 0.3 * torch.randn(8, 8, 8, generator=g)
+    query_obj = torch.zeros(8, 8, dtype=torch.bool)
+    query_obj[1:7, 1:7] = True
+    shifted = obj + 1.2 * torch.randn(8, generator=g)  # the query's object looks unlike the support's...
+    query[:, query_obj] = shifted[:, None] + 0.1 * torch.randn(8, int(query_obj.sum()), generator=g)
+    query[:, 3:5, 3:5] = obj[:, None, None]  # ...except a 2x2 core
+    fg = np.zeros((8, 8), bool)
+    fg[2:6, 2:6] = True
+    got = shot_prior([query], [support], fg, 8, background=~fg, maps=("contrast", "self"), self_levels=(0,))
+    margin = lambda m: float(m[query_obj].mean() - m[~query_obj].mean())  # noqa: E731
+    assert margin(got[0]) < 0.9 < 0.95 < margin(got[1])  # fg vs bg separation: contrast 0.83, self ~0.98
+    assert bool((got[1][query_obj] > 0.9).all()) and not bool((got[0][query_obj] > 0.9).all())
+
+
 def test_bf16_pixel_max_is_close_to_fp32():
     g = torch.Generator().manual_seed(3)
     q, s = torch.randn(16, 12, 12, generator=g), torch.randn(16, 10, 10, generator=g)

@@ -430,6 +430,20 @@ def test_uapf_anchor_starts_at_the_contrast_logit_and_learns_a_residual():
         DiffUpConfig(prior_maps=("proto", "pix"), uapf_anchor=True)
 
 
+def test_self_maps_and_their_anchor_in_the_config():
+    cfg = DiffUpConfig(prior_maps=("proto", "pix", "contrast", "self"), uapf_anchor_map="self",
+                       uapf_anchor_levels=(1, 2), self_levels=[1, 2])
+    assert cfg.prior_channels == 12 and cfg.anchor_channels == [7, 11] and cfg.self_levels == (1, 2)
+    assert DiffUpConfig(prior_maps=("contrast", "self")).anchor_channels == [0, 2, 4]  # contrast by default
+    assert (cfg.self_fg_threshold, cfg.self_bg_threshold, cfg.self_mix) == (0.7, 0.6, 0.5)  # SSP's values
+    assert cfg.finest_type(["box", "scribble", "box"]) == "scribble" and cfg.finest_type(["text", "mask"]) == "mask"
+    for kw, name in [(dict(uapf_anchor_map="self"), "uapf_anchor"), (dict(uapf_anchor_map="pix"), "uapf_anchor_map"),
+                     (dict(self_levels=(0, 5)), "self_levels"), (dict(self_fg_threshold=0.5), "self_fg_threshold"),
+                     (dict(self_mix=1.5), "self_mix"), (dict(train_pooled_prob=-0.1), "train_pooled_prob")]:
+        with pytest.raises(FsdiffError, match=f"DiffUpConfig.{name}"):
+            DiffUpConfig(**kw)
+
+
 def test_residual_prior_decoder_starts_at_the_prior():
     cfg = DiffUpConfig(**{**TINY, "residual_prior": True})
     torch.manual_seed(0)

@@ -266,7 +266,9 @@ def test_train_diffup_entry_and_cpu_config(tmp_path):
     assert got == (448, 64, 56, 32, 1)
     assert cpu_config(base_channels=16).base_channels == 16 and CPU_CONFIG["mask_stride"] == 7
     assert cfg.query_channels == 0 and cfg.prior_matmul_dtype == "bfloat16" and cfg.residual_prior and cfg.uapf_anchor
-    assert cfg.anchor_channels == [5, 8]  # contrast maps of levels 1 and 2, the prototype method's levels
+    assert cfg.prior_maps == ("proto", "pix", "contrast", "self") and cfg.uapf_anchor_map == "self"
+    assert cfg.anchor_channels == [7, 11]  # self maps of levels 1 and 2, the prototype method's levels
+    assert cfg.self_levels == (1, 2) and cfg.train_pooled_prob == 0.5
     before = torch.get_num_threads()
     res = train_diffup(ToySource(), tmp_path, config=DiffUpConfig(**TINY), steps=1, batch_size=2, save_every=1,
                        progress=False, num_threads=1)
@@ -307,6 +309,36 @@ def test_make_batch_is_seeded_collated_and_uses_text(tmp_path):
     assert torch.equal(e0["query_rgb"].flip(-1), e1["query_rgb"])
     out = t.loss(a, torch.Generator().manual_seed(0))
     assert torch.isfinite(out["loss"]) and "t" not in out
+
+
+def test_pooled_training_episodes_match_the_pooled_segmenter_prior():
+    """train_pooled_prob=1: a K > 1 episode carries one prior, pooled over its shots exactly as the
+    segmenter's kshot='pooled' builds it, typed by the finest annotation; 0 keeps one prior per shot."""
+    from test_diffup_segmenter import ToySource
+
+    from fsdiff.methods.diffup.baft import config_prior_kwargs, pooled_prior, support_regions
+    cfg = DiffUpConfig(**{**TINY, "max_shots": 3, "train_pooled_prob": 1.0, "prior_maps": ("contrast", "self")})
+    t = DiffUpTrainable(ToySource(n=8), cfg, seed=0, progress=False, flip_prob=0.0)
+    seen = 0
+    for seed in range(12):
+        e = t.episode(np.random.default_rng(seed))
+        if len(e["supports"]) < 2:
+            assert not e["pooled"] and len(e["priors"]) == len(e["supports"])
+            continue
+        seen += 1
+        assert e["pooled"] and len(e["priors"]) == 1 and e["priors"][0].shape == (cfg.prior_channels, 8, 8)
+        assert e["types"] == [cfg.finest_type(e["shot_types"])]
+        qf = [f.float() for f in t.feats[e["query"]]]
+        shots = []
+        for s_, ann in zip(e["supports"], e["annotations"]):
+            fg, bg = support_regions(ann, t.ann[(s_, e["class_id"])].shape)
+            shots.append(([f.float() for f in t.feats[s_]], fg, bg))
+        torch.testing.assert_close(e["priors"][0], pooled_prior(qf, shots, 8, **config_prior_kwargs(cfg)))
+    assert seen >= 3
+    cfg0 = DiffUpConfig(**{**TINY, "max_shots": 3})
+    t0 = DiffUpTrainable(ToySource(n=8), cfg0, seed=0, progress=False)
+    multi = [e for e in (t0.episode(np.random.default_rng(s)) for s in range(12)) if len(e["supports"]) > 1]
+    assert multi and all(not e["pooled"] and len(e["priors"]) == len(e["supports"]) for e in multi)
 
 
 def test_train_class_subset_and_unknown_class():

@@ -64,6 +64,14 @@ CONTRAST_TEMPERATURE = 0.1
 """T of the contrast map (the prototype method's temperature)."""
 CONTRAST_PROTO_WEIGHT = 0.5
 """a of the contrast map's class score (the prototype method's weight)."""
+SELF_FG_THRESHOLD = 0.7
+"""Query cells whose first estimate exceeds this form the query's own fg prototype (SSP's 0.7)."""
+SELF_BG_THRESHOLD = 0.6
+"""Query cells whose first estimate is below this form the query's own bg prototype (SSP's 0.6)."""
+SELF_MIX = 0.5
+"""Weight of the support prototype against the query's own one in the self-support map (SSP: 0.5)."""
+PRIOR_MAP_NAMES = ("proto", "pix", "contrast", "self")
+"""The maps a level can give, in the order :class:`DiffUpConfig` lists them."""
 PIXEL_THRESHOLD = 0.5
 """A support cell joins the pixel-max set A when its region weight is >= this fraction of the largest."""
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -166,19 +174,28 @@ def shot_prior(
     temperature: float = CONTRAST_TEMPERATURE,
     proto_weight: float = CONTRAST_PROTO_WEIGHT,
     matmul_dtype: torch.dtype | None = None,
+    **self_kwargs,
 ) -> torch.Tensor:
     """One shot's prior R_k (levels * len(maps), h, w) in [0, 1] from per-level features and its region A.
 
     ``maps`` per level, in order: ``proto`` / ``pix`` (min-max normalised cosines to the fg region) and
-    ``contrast`` (:func:`contrast_map` against the ``background`` region, not normalised).
+    ``contrast`` (:func:`contrast_map` against the ``background`` region, not normalised) and ``self``
+    (:func:`self_support_map`; ``self_kwargs`` are :func:`pooled_prior`'s ``self_*`` arguments).
     """
     return pooled_prior(query_feats, [(support_feats, region, background)], size, pixel_threshold, maps=maps,
-                        temperature=temperature, proto_weight=proto_weight, matmul_dtype=matmul_dtype)
+                        temperature=temperature, proto_weight=proto_weight, matmul_dtype=matmul_dtype,
+                        **self_kwargs)
 
 
 def _pooled_raw(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], pixel_threshold: float,
                 matmul_dtype: torch.dtype | None) -> torch.Tensor:
     """Raw (2, h, w) [cos to the mean of the shots' prototypes, max over shots of the pixel-max cosine]."""
+    return torch.stack(_pooled_parts(q, sups, pixel_threshold, matmul_dtype)[1:])
+
+
+def _pooled_parts(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], pixel_threshold: float,
+                  matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean prototype (C,), its cosine map (h, w), max over shots of the pixel-max cosine (h, w))."""
     for s, _ in sups:
         if q.ndim != 3 or s.ndim != 3 or q.shape[0] != s.shape[0]:
             raise FsdiffError(
@@ -186,10 +203,51 @@ def _pooled_raw(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], 
                 f"{tuple(q.shape)} and {tuple(s.shape)}."
             )
     proto = torch.stack([masked_average_pooling(s, w) for s, w in sups]).mean(0)
-    p_proto = prototype_cosine(q, proto)
     p_pix = torch.stack([pixel_max_cosine(q, s, w, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
                          for s, w in sups]).amax(0)
-    return torch.stack([p_proto, p_pix])
+    return proto, prototype_cosine(q, proto), p_pix
+
+
+def self_support_map(
+    q: torch.Tensor,
+    estimate: torch.Tensor,
+    fg: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    *,
+    fg_threshold: float = SELF_FG_THRESHOLD,
+    bg_threshold: float = SELF_BG_THRESHOLD,
+    mix: float = SELF_MIX,
+    temperature: float = CONTRAST_TEMPERATURE,
+    proto_weight: float = CONTRAST_PROTO_WEIGHT,
+    pixel_threshold: float = PIXEL_THRESHOLD,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The self-support contrast (h, w) of one level (SSP, Fan et al. ECCV 2022, adapted; see the module doc).
+
+    ``q`` (C, h, w) query features, ``estimate`` (h, w) a first foreground probability on the same grid,
+    ``fg`` / ``bg`` the support's :func:`_pooled_parts` (``bg`` None without background evidence).
+    Query cells with estimate > ``fg_threshold`` (at least the best cell) give a query fg prototype,
+    cells < ``bg_threshold`` a query bg prototype; each is mixed with the support's
+    (``mix`` x support + (1 - mix) x query), the fg pixel-max also runs over the confident query cells,
+    and the result is sigmoid((s_fg - s_bg) / T) as in :func:`contrast_map`.
+    """
+    a = float(proto_weight)
+    fg_cells = (estimate > float(fg_threshold)).to(q.dtype)
+    if float(fg_cells.sum()) <= 0:
+        fg_cells = (estimate >= estimate.max()).to(q.dtype)
+    proto_fg, _, pix_fg = fg
+    proto_fg = float(mix) * proto_fg + (1 - float(mix)) * masked_average_pooling(q, fg_cells)
+    pix_fg = torch.maximum(pix_fg, pixel_max_cosine(q, q, fg_cells, threshold=0.5, matmul_dtype=matmul_dtype))
+    s_fg = a * prototype_cosine(q, proto_fg) + (1 - a) * pix_fg
+    if bg is None:
+        s_bg = s_fg.mean().expand_as(s_fg)
+    else:
+        proto_bg, _, pix_bg = bg
+        bg_cells = (estimate < float(bg_threshold)).to(q.dtype)
+        if float(bg_cells.sum()) > 0:
+            proto_bg = float(mix) * proto_bg + (1 - float(mix)) * masked_average_pooling(q, bg_cells)
+        s_bg = a * prototype_cosine(q, proto_bg) + (1 - a) * pix_bg
+    return torch.sigmoid((s_fg - s_bg) / float(temperature))
 
 
 def pooled_prior(
@@ -202,6 +260,10 @@ def pooled_prior(
     temperature: float = CONTRAST_TEMPERATURE,
     proto_weight: float = CONTRAST_PROTO_WEIGHT,
     matmul_dtype: torch.dtype | None = None,
+    self_levels: Sequence[int] | None = None,
+    self_fg_threshold: float = SELF_FG_THRESHOLD,
+    self_bg_threshold: float = SELF_BG_THRESHOLD,
+    self_mix: float = SELF_MIX,
 ) -> torch.Tensor:
     """One prior from several shots ``(features, fg region, bg region or None)`` pooled like the prototype
     method: the prototype is the mean of the shots' prototypes and the pixel-max runs over every shot's
@@ -211,11 +273,12 @@ def pooled_prior(
     for feats, _, _ in supports:
         if len(query_feats) != len(feats):
             raise FsdiffError(f"BAFT: the query has {len(query_feats)} feature levels but the support {len(feats)}.")
-    unknown = [m for m in maps if m not in ("proto", "pix", "contrast")]
+    unknown = [m for m in maps if m not in PRIOR_MAP_NAMES]
     if unknown or not maps:
-        raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use proto, pix and/or contrast.")
+        raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use {', '.join(PRIOR_MAP_NAMES)}.")
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    out = []
+    use_bg = "contrast" in maps or "self" in maps
+    parts = []  # per level: (query, fg parts, bg parts or None, contrast map)
     for lvl, q in enumerate(query_feats):
         fg_sups, bg_sups = [], []
         for feats, region, background in supports:
@@ -225,21 +288,40 @@ def pooled_prior(
             if float(w.sum()) <= 0:
                 raise FsdiffError("BAFT: the support region is empty on the feature grid.")
             fg_sups.append((s, w))
-            if background is not None and "contrast" in maps:
+            if background is not None and use_bg:
                 wb = region_weights(background, grid).to(q.device, q.dtype)
                 if float(wb.sum()) > 0:
                     bg_sups.append((s, wb))
-        raw = _pooled_raw(q, fg_sups, pixel_threshold, matmul_dtype)
-        norm = minmax_normalise(raw, dims=(1, 2))  # per map, per episode
+        fg = _pooled_parts(q, fg_sups, pixel_threshold, matmul_dtype)
+        bg = _pooled_parts(q, bg_sups, pixel_threshold, matmul_dtype) if bg_sups and use_bg else None
+        contrast = None
+        if use_bg:
+            contrast = contrast_map(torch.stack(fg[1:]), None if bg is None else torch.stack(bg[1:]),
+                                    temperature, proto_weight)
+        parts.append((q, fg, bg, contrast))
+    estimate = None
+    if "self" in maps:  # the first estimate: mean contrast of the chosen levels, on the prior grid
+        chosen = range(len(parts)) if self_levels is None else sorted(set(int(v) for v in self_levels))
+        if any(not 0 <= v < len(parts) for v in chosen):
+            raise FsdiffError(f"BAFT: self_levels {list(chosen)} must lie in 0..{len(parts) - 1}.")
+        estimate = torch.stack([_resize_map(parts[v][3], size) for v in chosen]).mean(0)
+    out = []
+    for q, fg, bg, contrast in parts:
+        norm = minmax_normalise(torch.stack(fg[1:]), dims=(1, 2))  # per map, per episode
         level = []
         for name in maps:
             if name == "proto":
                 level.append(norm[0])
             elif name == "pix":
                 level.append(norm[1])
+            elif name == "contrast":
+                level.append(contrast)
             else:
-                bg_raw = _pooled_raw(q, bg_sups, pixel_threshold, matmul_dtype) if bg_sups else None
-                level.append(contrast_map(raw, bg_raw, temperature, proto_weight))
+                est = _resize_map(estimate, tuple(q.shape[-2:]))
+                level.append(self_support_map(
+                    q, est, fg, bg, fg_threshold=self_fg_threshold, bg_threshold=self_bg_threshold, mix=self_mix,
+                    temperature=temperature, proto_weight=proto_weight, pixel_threshold=pixel_threshold,
+                    matmul_dtype=matmul_dtype))
         out.append(_resize_map(torch.stack(level), size))
     return torch.cat(out, 0).clamp_(0.0, 1.0)
 
@@ -248,7 +330,9 @@ def config_prior_kwargs(config) -> dict:
     """The :func:`shot_prior` keyword arguments a DiffUpConfig asks for (maps, contrast T and weight)."""
     dtype = {"float32": None, "bfloat16": torch.bfloat16}[config.prior_matmul_dtype]
     return dict(maps=tuple(config.prior_maps), temperature=float(config.contrast_temperature),
-                proto_weight=float(config.contrast_proto_weight), matmul_dtype=dtype)
+                proto_weight=float(config.contrast_proto_weight), matmul_dtype=dtype,
+                self_levels=config.self_levels, self_fg_threshold=float(config.self_fg_threshold),
+                self_bg_threshold=float(config.self_bg_threshold), self_mix=float(config.self_mix))
 
 
 def query_extra(query_feats: Sequence[torch.Tensor], size: int | tuple[int, int]) -> torch.Tensor:

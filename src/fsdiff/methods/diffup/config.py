@@ -9,14 +9,16 @@ stride ``mask_stride`` = 4, i.e. 96×96 (§4.2 says "1/4 resolution (e.g. 128×1
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsdiff.errors import FsdiffError
 
-PRIOR_MAPS: tuple[str, ...] = ("proto", "pix", "contrast")
-"""BAFT maps a level can give: fg prototype cosine, fg pixel-max cosine (both min-max normalised per episode)
-and the fg-vs-bg contrast sigmoid((s_fg - s_bg) / T) (the prototype method's per-level probability)."""
+PRIOR_MAPS: tuple[str, ...] = ("proto", "pix", "contrast", "self")
+"""BAFT maps a level can give: fg prototype cosine, fg pixel-max cosine (both min-max normalised per episode),
+the fg-vs-bg contrast sigmoid((s_fg - s_bg) / T) (the prototype method's per-level probability) and its
+self-support refinement (query prototypes from the confident cells of a first estimate, SSP-style)."""
 
 ANNOTATION_TYPES: tuple[str, ...] = ("mask", "box", "scribble", "text")
 """Annotation types DiffUp knows, in the order of their type ids (UAPF's type embedding)."""
@@ -40,6 +42,10 @@ class DiffUpConfig:
     contrast_temperature: float = 0.1  # T of the fg-vs-bg contrast map sigmoid((s_fg - s_bg) / T)
     contrast_proto_weight: float = 0.5  # a in s = a * cos(f_q, p) + (1 - a) * pixel-max cos
     prior_matmul_dtype: str = "float32"  # pixel-max similarity matmul: float32 or bfloat16 (~3x faster on CPU)
+    self_levels: tuple[int, ...] | None = None  # levels whose mean contrast is the self map's first estimate
+    self_fg_threshold: float = 0.7  # query cells above this (first estimate) give the query fg prototype (SSP)
+    self_bg_threshold: float = 0.6  # query cells below this give the query bg prototype (SSP)
+    self_mix: float = 0.5  # support prototype weight against the query's own (SSP's 0.5)
     annotation_types: tuple[str, ...] = ANNOTATION_TYPES
 
     # --- UAPF --------------------------------------------------------------------------------------
@@ -51,6 +57,7 @@ class DiffUpConfig:
     uapf_detach_condition: bool = False  # False: UQDD's loss also trains UAPF through the condition
     uapf_anchor: bool = True  # μ_k = logit(mean of the shot's contrast maps) + CNN residual (zero at init)
     uapf_anchor_levels: tuple[int, ...] | None = None  # levels whose contrast maps form the anchor (None = all)
+    uapf_anchor_map: str = "contrast"  # which per-level map the anchor averages: 'contrast' or 'self'
 
     # --- diffusion ---------------------------------------------------------------------------------
     num_train_timesteps: int = 1000  # T
@@ -97,6 +104,7 @@ class DiffUpConfig:
     loss_iou: float = 1.0
     loss_uapf: float = 0.5
     max_shots: int = 5  # K ~ U{0..max_shots}
+    train_pooled_prob: float = 0.0  # K > 1: share of episodes with one pooled prior (as kshot='pooled') instead of K
     train_shot_types: tuple[str, ...] = ("mask", "box", "scribble")
     text_prob: float = 0.5  # text prior added with this probability, always when K = 0
     scribble_width: int = 5
@@ -111,6 +119,8 @@ class DiffUpConfig:
         self.prior_maps = tuple(str(m) for m in self.prior_maps)
         if self.uapf_anchor_levels is not None:
             self.uapf_anchor_levels = tuple(int(v) for v in self.uapf_anchor_levels)
+        if self.self_levels is not None:
+            self.self_levels = tuple(int(v) for v in self.self_levels)
         self.channel_mult = tuple(int(c) for c in self.channel_mult)
         self.train_shot_types = tuple(self.train_shot_types)
         self.uncertainty_weights = tuple(float(w) for w in self.uncertainty_weights)  # type: ignore[assignment]
@@ -138,8 +148,15 @@ class DiffUpConfig:
         if not self.prior_maps or len(set(self.prior_maps)) != len(self.prior_maps) or any(
                 m not in PRIOR_MAPS for m in self.prior_maps):
             bad("prior_maps", f"need distinct names out of {PRIOR_MAPS}")
-        if self.uapf_anchor and "contrast" not in self.prior_maps:
-            bad("uapf_anchor", "the anchor is the mean contrast map, so prior_maps must include 'contrast'")
+        if self.uapf_anchor_map not in ("contrast", "self"):
+            bad("uapf_anchor_map", "use 'contrast' or 'self'")
+        if self.uapf_anchor and self.uapf_anchor_map not in self.prior_maps:
+            bad("uapf_anchor", f"the anchor averages the {self.uapf_anchor_map!r} maps, so prior_maps must include it")
+        if self.self_levels is not None and (
+                not self.self_levels or any(not 0 <= v < self.prior_levels for v in self.self_levels)):
+            bad("self_levels", f"need level indices in 0..{self.prior_levels - 1} (or None for all)")
+        if not 0.0 <= self.self_bg_threshold <= self.self_fg_threshold <= 1.0:
+            bad("self_fg_threshold", "need 0 <= self_bg_threshold <= self_fg_threshold <= 1")
         if self.prior_matmul_dtype not in ("float32", "bfloat16"):
             bad("prior_matmul_dtype", "use 'float32' or 'bfloat16'")
         if self.uapf_anchor_levels is not None and (
@@ -170,7 +187,7 @@ class DiffUpConfig:
             bad("adaptive_min_fraction", "need 0 < adaptive_min_fraction <= adaptive_max_fraction <= 1")
         if not 0.0 < self.adaptive_probe_fraction <= 1.0:
             bad("adaptive_probe_fraction", "must lie in (0, 1]")
-        for name in ("self_cond_prob", "prior_start_prob", "text_prob", "threshold"):
+        for name in ("self_cond_prob", "prior_start_prob", "text_prob", "threshold", "self_mix", "train_pooled_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 bad(name, "must lie in [0, 1]")
         if self.ddim_eta < 0:
@@ -201,10 +218,10 @@ class DiffUpConfig:
 
     @property
     def anchor_channels(self) -> list[int]:
-        """Indices of the contrast maps in one shot's prior tensor (UAPF's anchor), empty without an anchor."""
+        """Indices of the anchor maps in one shot's prior tensor (UAPF's anchor), empty without an anchor."""
         if not self.uapf_anchor:
             return []
-        j = self.prior_maps.index("contrast")
+        j = self.prior_maps.index(self.uapf_anchor_map)
         levels = range(self.prior_levels) if self.uapf_anchor_levels is None else sorted(set(self.uapf_anchor_levels))
         return [lvl * self.prior_maps_per_level + j for lvl in levels]
 
@@ -221,6 +238,10 @@ class DiffUpConfig:
             raise FsdiffError(
                 f"DiffUp does not know the annotation type {name!r}; use one of {self.annotation_types}."
             ) from None
+
+    def finest_type(self, names: Sequence[str]) -> str:
+        """The annotation type among ``names`` with the earliest start (the one a pooled prior is typed by)."""
+        return min(names, key=lambda k: self.start_fractions.get(k, 1.0))
 
     def uapf_kwargs(self) -> dict[str, Any]:
         """Constructor arguments of :class:`~fsdiff.methods.diffup.uapf.UAPF`."""

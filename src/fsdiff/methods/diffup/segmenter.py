@@ -330,8 +330,7 @@ class DiffUpSegmenter:
                 if pool:  # one prior pooled over all shots, typed as the finest annotation among them
                     sups = [(sf, reg[0], reg[1]) for sf, reg in zip(sup_feats, regions)]
                     priors.append(pooled_prior(qf, sups, size, **pkw))
-                    kinds = [prior_type(s.annotation.kind) for s in spatial]
-                    types.append(min(kinds, key=lambda k: cfg.start_fractions.get(k, 1.0)))
+                    types.append(cfg.finest_type([prior_type(s.annotation.kind) for s in spatial]))
                 if self.text is not None:
                     tp = self.text.prior(query.image, episode.class_name, size).to(self.device)
                     priors.append(replicate_text(tp, cfg.prior_channels))

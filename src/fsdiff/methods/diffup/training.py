@@ -63,6 +63,7 @@ from fsdiff.methods.diffup.baft import (
     query_extra,
     replicate_text,
     config_prior_kwargs,
+    pooled_prior,
     shot_prior,
     support_regions,
 )
@@ -264,15 +265,21 @@ class DiffUpTrainable:
         if flip:
             qf = [f.flip(-1) for f in qf]
             gt, rgb = gt[:, ::-1], rgb[:, :, ::-1]
-        priors, type_names = [], []
+        shots, annotations = [], []  # (support features, fg region, bg region); the synthesised annotations
         for s, t in zip(supports, types):
             label = self.ann[(s, c)]
             width = max(1, int(round(cfg.scribble_width * self.ann_size / max(1, self.orig_side[s]))))
             annotation = synthesize_annotation(label, t, rng, scribble_width=width)
+            annotations.append(annotation)
             fg, bg = support_regions(annotation, label.shape)
-            sf = [f.to(dev, torch.float32) for f in self.feats[s]]
-            priors.append(shot_prior(qf, sf, fg, size, background=bg, **self.prior_kwargs))
-            type_names.append(t)
+            shots.append(([f.to(dev, torch.float32) for f in self.feats[s]], fg, bg))
+        pooled = len(shots) > 1 and cfg.train_pooled_prob > 0 and bool(rng.random() < cfg.train_pooled_prob)
+        if pooled:  # one prior over all shots, typed by the finest annotation (as the segmenter's kshot='pooled')
+            priors = [pooled_prior(qf, shots, size, **self.prior_kwargs)]
+            type_names = [cfg.finest_type(types)]
+        else:
+            priors = [shot_prior(qf, sf, fg, size, background=bg, **self.prior_kwargs) for sf, fg, bg in shots]
+            type_names = list(types)
         if use_text:
             dense = self.clip[query].to(torch.float32)
             if flip:
@@ -283,7 +290,7 @@ class DiffUpTrainable:
         return dict(
             priors=priors, types=type_names, gt=torch.from_numpy(np.ascontiguousarray(gt)).float()[None],
             query_rgb=rgb_tensor(rgb), query_extra=query_extra(qf, size), class_id=c, query=query,
-            supports=supports, flip=flip,
+            supports=supports, flip=flip, pooled=pooled, shot_types=list(types), annotations=annotations,
         )
 
     def make_batch(self, step: int, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
@@ -335,7 +342,9 @@ class DiffUpTrainable:
 
 
 CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
-                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2))
+                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2),
+                                  prior_maps=("proto", "pix", "contrast", "self"), self_levels=(1, 2),
+                                  uapf_anchor_map="self", train_pooled_prob=0.5)
 """DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default."""
 
 
