@@ -170,3 +170,29 @@ def test_horse_one_shot_beats_all_foreground(shared_data, encoder):
         trivial.append(_iou(np.ones(q_mask.shape, np.float32), q_mask))
     assert np.mean(ious) > 0.6
     assert np.mean(ious) > np.mean(trivial) + 0.3
+
+
+def test_self_support_matches_the_baft_self_map():
+    """prototype(self_support=True) = the mean over its levels of BAFT's self maps (first estimate = the
+    plain prototype output), computed independently by fsdiff.methods.diffup.baft.pooled_prior."""
+    import torch
+    import torch.nn.functional as F
+
+    from fsdiff.methods.diffup.baft import pooled_prior
+
+    enc = build_encoder("efficientnet-lite0", precision=None)  # fp32 on both paths
+    seg = PrototypeSegmenter(enc, size=SIZE, self_support=True)
+    plain = PrototypeSegmenter(enc, size=SIZE, cache=seg.cache)
+    ep = _episode("mask", queries=1)
+    got = seg.predict(ep)[0]
+    assert not np.allclose(got, plain.predict(ep)[0], atol=1e-3)  # the refinement changes the map
+    shot, query = ep.shots[0], ep.queries[0]
+    sf, qf = seg.cache.features(enc, [shot.image, query.image], seg.size)
+    fg, bg = shot.annotation.regions(shot.shape)
+    fine = tuple(qf[seg.levels[0]].shape[-2:])
+    maps = pooled_prior(qf, [(sf, fg, bg)], fine, maps=("self",), self_levels=seg.levels)
+    exp = maps[list(seg.levels)].mean(0)
+    exp = F.interpolate(exp[None, None], size=query.shape, mode="bilinear", align_corners=False)[0, 0]
+    np.testing.assert_allclose(got, exp.clamp(0, 1).numpy(), atol=1e-4)
+    assert _iou(got, query.gt) >= _iou(plain.predict(ep)[0], query.gt) - 0.05  # still finds the red disc
+    assert PrototypeSegmenter(enc, size=SIZE).self_support is False  # the plain baseline by default

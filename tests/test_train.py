@@ -266,9 +266,8 @@ def test_train_diffup_entry_and_cpu_config(tmp_path):
     assert got == (448, 64, 56, 32, 1)
     assert cpu_config(base_channels=16).base_channels == 16 and CPU_CONFIG["mask_stride"] == 7
     assert cfg.query_channels == 0 and cfg.prior_matmul_dtype == "bfloat16" and cfg.residual_prior and cfg.uapf_anchor
-    assert cfg.prior_maps == ("proto", "pix", "contrast", "self") and cfg.uapf_anchor_map == "self"
-    assert cfg.anchor_channels == [7, 11]  # self maps of levels 1 and 2, the prototype method's levels
-    assert cfg.self_levels == (1, 2) and cfg.train_pooled_prob == 0.5
+    assert cfg.anchor_channels == [5, 8]  # contrast maps of levels 1 and 2, the prototype method's levels
+    assert cfg.prior_maps == ("proto", "pix", "contrast") and cfg.train_pooled_prob == 0.0  # the shipped recipe
     before = torch.get_num_threads()
     res = train_diffup(ToySource(), tmp_path, config=DiffUpConfig(**TINY), steps=1, batch_size=2, save_every=1,
                        progress=False, num_threads=1)

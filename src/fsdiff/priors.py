@@ -8,6 +8,10 @@
 * :func:`pixel_max_cosine` — ``P_pix(x) = max_{y in A} cos(f_q(x), f_s(y))`` (PFENet's training-free prior
   mask, BAFT's pixel prior), chunked over query pixels so memory stays bounded.
 * :func:`minmax_normalise` — per-map min-max normalisation to [0, 1] (BAFT "min-max normalise each map").
+* :func:`self_support_map` — the self-support refinement of SSP (Fan et al., "Self-Support Few-Shot Semantic
+  Segmentation", ECCV 2022, Sec. 3.2, adapted): query cells a first estimate is confident about give the
+  query's own fg / bg prototypes, each mixed with the support's; the fg pixel-max also runs over the
+  confident query cells (a fsdiff addition: the query's object matches itself better than the support's).
 
 All functions are pure torch, work on CPU and GPU, and accept an optional leading batch dimension where
 noted.
@@ -23,6 +27,12 @@ from fsdiff.errors import FsdiffError
 
 EPS = 1e-6
 """Guard against division by zero in normalisations."""
+SELF_FG_THRESHOLD = 0.7
+"""Query cells whose first estimate exceeds this form the query's own fg prototype (SSP's 0.7)."""
+SELF_BG_THRESHOLD = 0.6
+"""Query cells whose first estimate is below this form the query's own bg prototype (SSP's 0.6)."""
+SELF_MIX = 0.5
+"""Weight of the support prototype against the query's own one in the self-support map (SSP's 0.5)."""
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 """Pixel-max works on blocks of at most this many query x support similarities (16 MiB in float32)."""
 
@@ -144,3 +154,46 @@ def minmax_normalise(x: torch.Tensor, dims: tuple[int, ...] | None = None, eps: 
     else:
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     return (x - lo) / (hi - lo).clamp_min(eps)
+
+
+def self_support_map(
+    q: torch.Tensor,
+    estimate: torch.Tensor,
+    fg: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
+    bg: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    *,
+    fg_threshold: float = SELF_FG_THRESHOLD,
+    bg_threshold: float = SELF_BG_THRESHOLD,
+    mix: float = SELF_MIX,
+    temperature: float = 0.1,
+    proto_weight: float = 0.5,
+    pixel_threshold: float = 0.5,
+    matmul_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The self-support probability (h, w) of one level (SSP, Fan et al. ECCV 2022, adapted; module doc).
+
+    ``q`` (C, h, w) query features, ``estimate`` (h, w) a first foreground probability on the same grid,
+    ``fg`` / ``bg`` the support's (prototype (C,), unused, pixel-max cosine map (h, w)) for its foreground /
+    background (``bg`` None without background evidence).
+    Query cells with estimate > ``fg_threshold`` (at least the best cell) give a query fg prototype,
+    cells < ``bg_threshold`` a query bg prototype; each is mixed with the support's
+    (``mix`` x support + (1 - mix) x query), the fg pixel-max also runs over the confident query cells,
+    and the result is sigmoid((s_fg - s_bg) / T) with s = a * prototype cosine + (1 - a) * pixel-max.
+    """
+    a = float(proto_weight)
+    fg_cells = (estimate > float(fg_threshold)).to(q.dtype)
+    if float(fg_cells.sum()) <= 0:
+        fg_cells = (estimate >= estimate.max()).to(q.dtype)
+    proto_fg, _, pix_fg = fg
+    proto_fg = float(mix) * proto_fg + (1 - float(mix)) * masked_average_pooling(q, fg_cells)
+    pix_fg = torch.maximum(pix_fg, pixel_max_cosine(q, q, fg_cells, threshold=pixel_threshold, matmul_dtype=matmul_dtype))
+    s_fg = a * prototype_cosine(q, proto_fg) + (1 - a) * pix_fg
+    if bg is None:
+        s_bg = s_fg.mean().expand_as(s_fg)
+    else:
+        proto_bg, _, pix_bg = bg
+        bg_cells = (estimate < float(bg_threshold)).to(q.dtype)
+        if float(bg_cells.sum()) > 0:
+            proto_bg = float(mix) * proto_bg + (1 - float(mix)) * masked_average_pooling(q, bg_cells)
+        s_bg = a * prototype_cosine(q, proto_bg) + (1 - a) * pix_bg
+    return torch.sigmoid((s_fg - s_bg) / float(temperature))

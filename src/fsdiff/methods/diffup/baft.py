@@ -18,6 +18,11 @@ reconstruction [R]:
   Still dimension-free; it keeps the fg-vs-bg evidence that per-episode min-max normalisation of
   fg-only cosines throws away (without it, the first CPU-trained model lost to the prototype method,
   docs/BENCHMARKS.md). The maps of one level are then ``[proto, pix, contrast]``.
+* **Self-support** (a fsdiff addition [R], the CPU recipe's 4th map and UAPF anchor): the mean contrast of
+  ``self_levels`` is a first estimate; per level, query cells above 0.7 / below 0.6 give the query's own
+  fg / bg prototypes, mixed half-half with the support's (SSP, Fan et al. ECCV 2022), and the fg
+  pixel-max also runs over the confident query cells (the query's object matches itself better than
+  the support's): :func:`fsdiff.priors.self_support_map`. Still dimension-free (only cosines leave).
 * **Box / scribble / points** supports go through the same operators with A = their foreground region
   (``annotation.regions(shape)[0]``); a box gives a coarser prior (its background cells join A), a
   scribble a sparser one. Scribble (and points) regions are first **dilated** by a disk of radius
@@ -50,6 +55,10 @@ import torch.nn.functional as F
 from fsdiff.episode import Annotation
 from fsdiff.errors import FsdiffError
 from fsdiff.priors import (
+    SELF_BG_THRESHOLD,
+    SELF_FG_THRESHOLD,
+    SELF_MIX,
+    self_support_map,
     l2_normalise,
     masked_average_pooling,
     minmax_normalise,
@@ -64,12 +73,6 @@ CONTRAST_TEMPERATURE = 0.1
 """T of the contrast map (the prototype method's temperature)."""
 CONTRAST_PROTO_WEIGHT = 0.5
 """a of the contrast map's class score (the prototype method's weight)."""
-SELF_FG_THRESHOLD = 0.7
-"""Query cells whose first estimate exceeds this form the query's own fg prototype (SSP's 0.7)."""
-SELF_BG_THRESHOLD = 0.6
-"""Query cells whose first estimate is below this form the query's own bg prototype (SSP's 0.6)."""
-SELF_MIX = 0.5
-"""Weight of the support prototype against the query's own one in the self-support map (SSP: 0.5)."""
 PRIOR_MAP_NAMES = ("proto", "pix", "contrast", "self")
 """The maps a level can give, in the order :class:`DiffUpConfig` lists them."""
 PIXEL_THRESHOLD = 0.5
@@ -206,48 +209,6 @@ def _pooled_parts(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]]
     p_pix = torch.stack([pixel_max_cosine(q, s, w, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
                          for s, w in sups]).amax(0)
     return proto, prototype_cosine(q, proto), p_pix
-
-
-def self_support_map(
-    q: torch.Tensor,
-    estimate: torch.Tensor,
-    fg: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    bg: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-    *,
-    fg_threshold: float = SELF_FG_THRESHOLD,
-    bg_threshold: float = SELF_BG_THRESHOLD,
-    mix: float = SELF_MIX,
-    temperature: float = CONTRAST_TEMPERATURE,
-    proto_weight: float = CONTRAST_PROTO_WEIGHT,
-    pixel_threshold: float = PIXEL_THRESHOLD,
-    matmul_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """The self-support contrast (h, w) of one level (SSP, Fan et al. ECCV 2022, adapted; see the module doc).
-
-    ``q`` (C, h, w) query features, ``estimate`` (h, w) a first foreground probability on the same grid,
-    ``fg`` / ``bg`` the support's :func:`_pooled_parts` (``bg`` None without background evidence).
-    Query cells with estimate > ``fg_threshold`` (at least the best cell) give a query fg prototype,
-    cells < ``bg_threshold`` a query bg prototype; each is mixed with the support's
-    (``mix`` x support + (1 - mix) x query), the fg pixel-max also runs over the confident query cells,
-    and the result is sigmoid((s_fg - s_bg) / T) as in :func:`contrast_map`.
-    """
-    a = float(proto_weight)
-    fg_cells = (estimate > float(fg_threshold)).to(q.dtype)
-    if float(fg_cells.sum()) <= 0:
-        fg_cells = (estimate >= estimate.max()).to(q.dtype)
-    proto_fg, _, pix_fg = fg
-    proto_fg = float(mix) * proto_fg + (1 - float(mix)) * masked_average_pooling(q, fg_cells)
-    pix_fg = torch.maximum(pix_fg, pixel_max_cosine(q, q, fg_cells, threshold=0.5, matmul_dtype=matmul_dtype))
-    s_fg = a * prototype_cosine(q, proto_fg) + (1 - a) * pix_fg
-    if bg is None:
-        s_bg = s_fg.mean().expand_as(s_fg)
-    else:
-        proto_bg, _, pix_bg = bg
-        bg_cells = (estimate < float(bg_threshold)).to(q.dtype)
-        if float(bg_cells.sum()) > 0:
-            proto_bg = float(mix) * proto_bg + (1 - float(mix)) * masked_average_pooling(q, bg_cells)
-        s_bg = a * prototype_cosine(q, proto_bg) + (1 - a) * pix_bg
-    return torch.sigmoid((s_fg - s_bg) / float(temperature))
 
 
 def pooled_prior(

@@ -342,10 +342,13 @@ class DiffUpTrainable:
 
 
 CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
-                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2),
-                                  prior_maps=("proto", "pix", "contrast", "self"), self_levels=(1, 2),
-                                  uapf_anchor_map="self", train_pooled_prob=0.5)
-"""DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default."""
+                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2))
+"""DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default.
+
+Tried and not adopted (docs/BENCHMARKS.md, "DiffUp with self-support priors"): adding the self-support map
+as the anchor with pooled K-shot training episodes (``prior_maps=(..., "self")``, ``self_levels=(1, 2)``,
+``uapf_anchor_map="self"``, ``train_pooled_prob=0.5``) scored the same at 1-shot and ~2 mIoU lower at 5-shot
+on folds 0-1; pass them with ``--config-arg`` to reproduce."""
 
 
 def cpu_config(**overrides: Any) -> DiffUpConfig:
