@@ -196,3 +196,5 @@ def test_self_support_matches_the_baft_self_map():
     np.testing.assert_allclose(got, exp.clamp(0, 1).numpy(), atol=1e-4)
     assert _iou(got, query.gt) >= _iou(plain.predict(ep)[0], query.gt) - 0.05  # still finds the red disc
     assert PrototypeSegmenter(enc, size=SIZE).self_support is False  # the plain baseline by default
+    with pytest.raises(FsdiffError, match="self_support must be true or false, got 'maybe'"):
+        PrototypeSegmenter(enc, size=SIZE, self_support="maybe")

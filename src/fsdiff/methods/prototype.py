@@ -124,6 +124,8 @@ class PrototypeSegmenter:
         self.temperature = float(temperature)
         self.proto_weight = float(proto_weight)
         self.pixel_threshold = float(pixel_threshold)
+        if not isinstance(self_support, (bool, np.bool_)):
+            raise FsdiffError(f"self_support must be true or false, got {self_support!r}.")
         self.self_support = bool(self_support)
         self.cache = cache if cache is not None else FeatureCache()
 
