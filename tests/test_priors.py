@@ -110,3 +110,24 @@ def test_minmax_normalise():
     per_row = minmax_normalise(x, dims=(1,))
     np.testing.assert_allclose(per_row.numpy(), [[0, 1], [0, 1]], atol=1e-6)
     assert torch.all(minmax_normalise(torch.full((2, 2), 7.0)) == 0)
+
+
+def test_self_support_map_prototype_only_by_hand():
+    """proto_weight = 1: only the mixed prototypes count, so no pixel-max map is needed; by hand."""
+    from fsdiff.priors import self_support_map
+
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(4, 3, 3, generator=g)
+    est = torch.tensor([[0.9, 0.8, 0.1], [0.65, 0.2, 0.0], [0.5, 0.95, 0.3]])
+    pf, pb = torch.randn(4, generator=g), torch.randn(4, generator=g)
+    got = self_support_map(q, est, (pf, None), (pb, None), proto_weight=1.0, temperature=0.2, mix=0.25)
+    qn = q.reshape(4, -1).numpy()
+    e = est.reshape(-1).numpy()
+    qf = qn[:, e > 0.7].mean(1)  # cells above SSP's 0.7
+    qb = qn[:, e < 0.6].mean(1)  # cells below SSP's 0.6
+    mf, mb = 0.25 * pf.numpy() + 0.75 * qf, 0.25 * pb.numpy() + 0.75 * qb
+    cos = lambda v: (qn.T @ v) / (np.linalg.norm(qn, axis=0) * np.linalg.norm(v))  # noqa: E731
+    exp = 1 / (1 + np.exp(-(cos(mf) - cos(mb)) / 0.2))
+    np.testing.assert_allclose(got.reshape(-1).numpy(), exp, atol=1e-5)
+    with pytest.raises(FsdiffError, match="pixel-max"):
+        self_support_map(q, est, (pf, None), (pb, None), proto_weight=0.5)

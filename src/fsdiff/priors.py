@@ -159,8 +159,8 @@ def minmax_normalise(x: torch.Tensor, dims: tuple[int, ...] | None = None, eps: 
 def self_support_map(
     q: torch.Tensor,
     estimate: torch.Tensor,
-    fg: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor],
-    bg: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None,
+    fg: tuple[torch.Tensor, torch.Tensor | None],
+    bg: tuple[torch.Tensor, torch.Tensor | None] | None,
     *,
     fg_threshold: float = SELF_FG_THRESHOLD,
     bg_threshold: float = SELF_BG_THRESHOLD,
@@ -173,27 +173,32 @@ def self_support_map(
     """The self-support probability (h, w) of one level (SSP, Fan et al. ECCV 2022, adapted; module doc).
 
     ``q`` (C, h, w) query features, ``estimate`` (h, w) a first foreground probability on the same grid,
-    ``fg`` / ``bg`` the support's (prototype (C,), unused, pixel-max cosine map (h, w)) for its foreground /
-    background (``bg`` None without background evidence).
-    Query cells with estimate > ``fg_threshold`` (at least the best cell) give a query fg prototype,
-    cells < ``bg_threshold`` a query bg prototype; each is mixed with the support's
+    ``fg`` / ``bg`` the support's (prototype (C,), pixel-max cosine map (h, w)) for its foreground /
+    background (``bg`` None without background evidence; the pixel-max map may be None when
+    ``proto_weight`` is 1). Query cells with estimate > ``fg_threshold`` (at least the best cell) give a
+    query fg prototype, cells < ``bg_threshold`` a query bg prototype; each is mixed with the support's
     (``mix`` x support + (1 - mix) x query), the fg pixel-max also runs over the confident query cells,
     and the result is sigmoid((s_fg - s_bg) / T) with s = a * prototype cosine + (1 - a) * pixel-max.
     """
     a = float(proto_weight)
+    if a < 1 and (fg[1] is None or (bg is not None and bg[1] is None)):
+        raise FsdiffError("self_support_map: proto_weight < 1 needs the support's pixel-max maps.")
     fg_cells = (estimate > float(fg_threshold)).to(q.dtype)
     if float(fg_cells.sum()) <= 0:
         fg_cells = (estimate >= estimate.max()).to(q.dtype)
-    proto_fg, _, pix_fg = fg
-    proto_fg = float(mix) * proto_fg + (1 - float(mix)) * masked_average_pooling(q, fg_cells)
-    pix_fg = torch.maximum(pix_fg, pixel_max_cosine(q, q, fg_cells, threshold=pixel_threshold, matmul_dtype=matmul_dtype))
-    s_fg = a * prototype_cosine(q, proto_fg) + (1 - a) * pix_fg
+    proto_fg = float(mix) * fg[0] + (1 - float(mix)) * masked_average_pooling(q, fg_cells)
+    s_fg = a * prototype_cosine(q, proto_fg)
+    if a < 1:
+        own = pixel_max_cosine(q, q, fg_cells, threshold=pixel_threshold, matmul_dtype=matmul_dtype)
+        s_fg = s_fg + (1 - a) * torch.maximum(fg[1], own)
     if bg is None:
         s_bg = s_fg.mean().expand_as(s_fg)
     else:
-        proto_bg, _, pix_bg = bg
+        proto_bg = bg[0]
         bg_cells = (estimate < float(bg_threshold)).to(q.dtype)
         if float(bg_cells.sum()) > 0:
             proto_bg = float(mix) * proto_bg + (1 - float(mix)) * masked_average_pooling(q, bg_cells)
-        s_bg = a * prototype_cosine(q, proto_bg) + (1 - a) * pix_bg
+        s_bg = a * prototype_cosine(q, proto_bg)
+        if a < 1:
+            s_bg = s_bg + (1 - a) * bg[1]
     return torch.sigmoid((s_fg - s_bg) / float(temperature))

@@ -141,45 +141,35 @@ class PrototypeSegmenter:
             "bg_cells": [(f, wb) for f, _, wb in sup if float(wb.sum()) > 0],
         }
 
-    def _class_parts(self, q: torch.Tensor, proto: torch.Tensor, cells: list) -> tuple:
-        """(prototype, its cosine map, max over shots of the pixel-max cosine or None when a = 1)."""
+    def _class_parts(self, q: torch.Tensor, proto: torch.Tensor | None, cells: list) -> tuple | None:
+        """(prototype, max over shots of the pixel-max cosine or None when a = 1); None without a prototype."""
+        if proto is None:
+            return None
         pix = None
         if self.proto_weight < 1:
             pix = torch.stack([pixel_max_cosine(q, f, w, self.pixel_threshold) for f, w in cells]).amax(0)
-        return proto, prototype_cosine(q, proto), pix
+        return proto, pix
 
-    def _class_score(self, parts: tuple) -> torch.Tensor:
+    def _class_score(self, q: torch.Tensor, parts: tuple) -> torch.Tensor:
         """a * cos(f_q, p) + (1 - a) * max over shots of the pixel-max cosine."""
         a = self.proto_weight
-        return parts[1] if parts[2] is None else a * parts[1] + (1 - a) * parts[2]
+        score = a * prototype_cosine(q, parts[0])
+        return score if parts[1] is None else score + (1 - a) * parts[1]
 
-    def _level_prob(self, q: torch.Tensor, sup: dict, estimate: torch.Tensor | None = None) -> torch.Tensor:
-        """sigmoid((s_fg - s_bg) / T) on one level's query grid; with ``estimate`` its self-support refinement."""
-        fg = self._class_parts(q, sup["fg_proto"], sup["fg_cells"])
-        bg = self._class_parts(q, sup["bg_proto"], sup["bg_cells"]) if sup["bg_proto"] is not None else None
-        if estimate is not None:
-            if fg[2] is None:  # a = 1: the self map's pixel-max terms carry no weight
-                fg = (fg[0], fg[1], torch.zeros_like(fg[1]))
-                bg = None if bg is None else (bg[0], bg[1], torch.zeros_like(bg[1]))
-            return self_support_map(q, estimate, fg, bg, temperature=self.temperature, proto_weight=self.proto_weight,
-                                    pixel_threshold=self.pixel_threshold)
-        s_fg = self._class_score(fg)
-        s_bg = s_fg.mean().expand_as(s_fg) if bg is None else self._class_score(bg)
+    def _level_prob(self, q: torch.Tensor, fg: tuple, bg: tuple | None) -> torch.Tensor:
+        """sigmoid((s_fg - s_bg) / T) on one level's query grid (s_bg = mean of s_fg without background)."""
+        s_fg = self._class_score(q, fg)
+        s_bg = s_fg.mean().expand_as(s_fg) if bg is None else self._class_score(q, bg)
         return torch.sigmoid((s_fg - s_bg) / self.temperature)
 
-    def _mean_over_levels(self, qf: list, support: dict, fine: tuple, estimate: torch.Tensor | None) -> torch.Tensor:
-        """Mean over the levels of the per-level probabilities, each upsampled to the ``fine`` grid."""
+    def _mean_over_levels(self, probs: dict, fine: tuple) -> torch.Tensor:
+        """Mean over the levels of the per-level probability maps, each upsampled to the ``fine`` grid."""
         acc = None
-        for lv in self.levels:
-            grid = tuple(qf[lv].shape[-2:])
-            est = None
-            if estimate is not None:
-                est = F.interpolate(estimate[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
-            p = self._level_prob(qf[lv], support[lv], est)
-            if grid != fine:
+        for p in probs.values():
+            if tuple(p.shape) != fine:
                 p = F.interpolate(p[None, None], size=fine, mode="bilinear", align_corners=False)[0, 0]
             acc = p if acc is None else acc + p
-        return acc / len(self.levels)
+        return acc / len(probs)
 
     def predict(self, episode: Episode) -> list[np.ndarray]:
         """Foreground probability (float32 (H, W) in [0, 1]) for every query, at the query's resolution."""
@@ -202,9 +192,19 @@ class PrototypeSegmenter:
             out = []
             for query, qf in zip(episode.queries, qry_feats):
                 fine = tuple(qf[self.levels[0]].shape[-2:])
-                prob = self._mean_over_levels(qf, support, fine, None)
-                if self.self_support:
-                    prob = self._mean_over_levels(qf, support, fine, prob)
+                parts = {lv: (self._class_parts(qf[lv], support[lv]["fg_proto"], support[lv]["fg_cells"]),
+                              self._class_parts(qf[lv], support[lv]["bg_proto"], support[lv]["bg_cells"]))
+                         for lv in self.levels}
+                prob = self._mean_over_levels({lv: self._level_prob(qf[lv], *parts[lv]) for lv in self.levels}, fine)
+                if self.self_support:  # second pass, reusing the support's parts
+                    refined = {}
+                    for lv, (fg, bg) in parts.items():
+                        grid = tuple(qf[lv].shape[-2:])
+                        est = F.interpolate(prob[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
+                        refined[lv] = self_support_map(qf[lv], est, fg, bg, temperature=self.temperature,
+                                                       proto_weight=self.proto_weight,
+                                                       pixel_threshold=self.pixel_threshold)
+                    prob = self._mean_over_levels(refined, fine)
                 prob = F.interpolate(prob[None, None], size=query.shape, mode="bilinear", align_corners=False)[0, 0]
                 out.append(prob.clamp_(0.0, 1.0).to(torch.float32).cpu().numpy())
         return out

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from fsdiff.episode import Annotation
+from fsdiff.methods.diffup.config import PRIOR_MAPS
 from fsdiff.errors import FsdiffError
 from fsdiff.priors import (
     SELF_BG_THRESHOLD,
@@ -73,8 +74,6 @@ CONTRAST_TEMPERATURE = 0.1
 """T of the contrast map (the prototype method's temperature)."""
 CONTRAST_PROTO_WEIGHT = 0.5
 """a of the contrast map's class score (the prototype method's weight)."""
-PRIOR_MAP_NAMES = ("proto", "pix", "contrast", "self")
-"""The maps a level can give, in the order :class:`DiffUpConfig` lists them."""
 PIXEL_THRESHOLD = 0.5
 """A support cell joins the pixel-max set A when its region weight is >= this fraction of the largest."""
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
@@ -145,7 +144,7 @@ def level_priors(
     matmul_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Raw (2, h, w) [P_proto, P_pix] cosines of one level: query (C, h, w), support (C, hs, ws), weights (hs, ws)."""
-    return _pooled_raw(query, [(support, weights)], pixel_threshold, matmul_dtype)
+    return torch.stack(_pooled_parts(query, [(support, weights)], pixel_threshold, matmul_dtype)[1:])
 
 
 def contrast_map(
@@ -190,12 +189,6 @@ def shot_prior(
                         **self_kwargs)
 
 
-def _pooled_raw(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], pixel_threshold: float,
-                matmul_dtype: torch.dtype | None) -> torch.Tensor:
-    """Raw (2, h, w) [cos to the mean of the shots' prototypes, max over shots of the pixel-max cosine]."""
-    return torch.stack(_pooled_parts(q, sups, pixel_threshold, matmul_dtype)[1:])
-
-
 def _pooled_parts(q: torch.Tensor, sups: list[tuple[torch.Tensor, torch.Tensor]], pixel_threshold: float,
                   matmul_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean prototype (C,), its cosine map (h, w), max over shots of the pixel-max cosine (h, w))."""
@@ -234,9 +227,9 @@ def pooled_prior(
     for feats, _, _ in supports:
         if len(query_feats) != len(feats):
             raise FsdiffError(f"BAFT: the query has {len(query_feats)} feature levels but the support {len(feats)}.")
-    unknown = [m for m in maps if m not in PRIOR_MAP_NAMES]
+    unknown = [m for m in maps if m not in PRIOR_MAPS]
     if unknown or not maps:
-        raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use {', '.join(PRIOR_MAP_NAMES)}.")
+        raise FsdiffError(f"BAFT: unknown prior maps {unknown or list(maps)}; use {', '.join(PRIOR_MAPS)}.")
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     use_bg = "contrast" in maps or "self" in maps
     parts = []  # per level: (query, fg parts, bg parts or None, contrast map)
@@ -280,7 +273,7 @@ def pooled_prior(
             else:
                 est = _resize_map(estimate, tuple(q.shape[-2:]))
                 level.append(self_support_map(
-                    q, est, fg, bg, fg_threshold=self_fg_threshold, bg_threshold=self_bg_threshold, mix=self_mix,
+                    q, est, (fg[0], fg[2]), None if bg is None else (bg[0], bg[2]), fg_threshold=self_fg_threshold, bg_threshold=self_bg_threshold, mix=self_mix,
                     temperature=temperature, proto_weight=proto_weight, pixel_threshold=pixel_threshold,
                     matmul_dtype=matmul_dtype))
         out.append(_resize_map(torch.stack(level), size))

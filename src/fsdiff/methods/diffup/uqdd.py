@@ -383,11 +383,11 @@ class UQDD(ModelMixin, ConfigMixin):
         mu = _bilinear(prior_mu, size)
         lv = _bilinear(torch.log(prior_var.clamp_min(1e-12)), size)
         s = float(cfg.logvar_scale)
-        rgb = (_resize(query_rgb, size) - 0.5) * 2.0
         if x0_prev is None:
             x0_prev = mu.new_zeros(b, 1, *size)
         parts = [torch.sigmoid(mu), lv.clamp(-s, s) / s, x0_prev.to(mu.dtype)]
         if self.query_encoder is not None:
+            rgb = (_resize(query_rgb, size) - 0.5) * 2.0
             parts.append(self.query_encoder(rgb.to(mu.dtype)))
         if cfg.query_extra_channels:
             parts.append(_resize(query_extra, size).to(mu.dtype))
