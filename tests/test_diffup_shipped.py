@@ -15,7 +15,7 @@ from fsdiff.episode import BoxAnnotation, Episode, MaskAnnotation, Query, Scribb
 from fsdiff.errors import FsdiffError
 from fsdiff.methods.diffup import shipped
 from fsdiff.methods.diffup.segmenter import build_diffup, load_diffup
-from fsdiff.methods.diffup.synth import convert_supports
+from fsdiff.synth import convert_supports
 from test_diffup_segmenter import checkpoint, episode, source  # noqa: F401  (module fixtures)
 
 

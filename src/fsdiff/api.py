@@ -252,7 +252,7 @@ def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, 
     """
     from fsdiff.data.sampler import build_episode, sample_episodes
     from fsdiff.evaluate import choose_threshold
-    from fsdiff.methods.diffup.synth import convert_supports
+    from fsdiff.synth import convert_supports
 
     if n < 1:
         raise FsdiffError(f"--calibrate-threshold {n}: give a positive number of validation episodes.")
@@ -298,13 +298,13 @@ def evaluate_benchmark(
     ``calibrate_threshold=N`` first sets the segmenter's threshold to the one maximising mIoU on N episodes
     of the fold's *base* (training) classes, so the novel test classes are never used to tune it.
     ``support_annotation`` = box or scribble replaces every support mask by a box / scribble synthesised
-    from it (:func:`fsdiff.methods.diffup.synth.convert_supports`; the same for every method).
+    from it (:func:`fsdiff.synth.convert_supports`; the same for every method).
     """
     from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
     from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
     from fsdiff.metrics import check_resolution
 
-    from fsdiff.methods.diffup.synth import SUPPORT_ANNOTATIONS, convert_supports
+    from fsdiff.synth import SUPPORT_ANNOTATIONS, convert_supports
 
     resolution = check_resolution(resolution)
     if support_annotation not in SUPPORT_ANNOTATIONS:

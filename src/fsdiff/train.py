@@ -35,7 +35,6 @@ them from there on resume).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -56,6 +55,7 @@ from tqdm import tqdm
 
 from fsdiff.errors import FsdiffError
 from fsdiff.io import atomic_path
+from fsdiff.synth import episode_rng as derive_rng  # one keyed-generator definition for the project
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -188,13 +188,6 @@ def set_rng_states(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------------
-def derive_rng(seed: int, *keys: str | int) -> np.random.Generator:
-    """A numpy Generator determined by ``seed`` and ``keys`` (stable across runs, processes and machines)."""
-    digest = hashlib.sha256("\x1f".join(str(k) for k in keys).encode("utf-8")).digest()
-    words = [int.from_bytes(digest[i:i + 4], "little") for i in range(0, 16, 4)]
-    return np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, *words]))
-
-
 def lr_lambda(schedule: str, steps: int, warmup: int, step_size: int | None = None, gamma: float = 0.1):
     """The learning-rate multiplier per step: linear warm-up, then cosine decay to 0, constant, or
     ``schedule='step'``: ``gamma ** ((step - warmup) // step_size)`` (torch's StepLR, counted after the warm-up)."""

@@ -14,7 +14,7 @@ from fsdiff.methods.diffup.schedule import (
     q_sample,
     timestep_sequence,
 )
-from fsdiff.methods.diffup.synth import (
+from fsdiff.synth import (
     EpisodeLayout,
     episode_rng,
     sample_episode_layout,

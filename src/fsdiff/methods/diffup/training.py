@@ -5,12 +5,12 @@ METHODS.md §4.2 "Training" reconstruction [R]).
 Per episode (all draws from one ``numpy.random.Generator`` per episode, derived from the batch rng the
 trainer seeds with (seed, step, process)):
 
-* the layout first (:func:`~fsdiff.methods.diffup.synth.sample_episode_layout`): K ~ U{0..max_shots}
+* the layout first (:func:`~fsdiff.synth.sample_episode_layout`): K ~ U{0..max_shots}
   and the shot types; then a base class c ~ U(classes of the source's train split; those with >= 2
   images when K >= 1), a query image ~ U(images of c) and K other images of c as supports (K is
   capped by the images available);
 * per-shot types ~ U{mask, box, scribble}; the annotations are synthesised from the GT mask with
-  :func:`~fsdiff.methods.diffup.synth.synthesize_annotation` (boxes, PASCAL-Scribble-style strokes);
+  :func:`~fsdiff.synth.synthesize_annotation` (boxes, PASCAL-Scribble-style strokes);
 * a text prior with probability ``text_prob`` (always when K = 0) when a CLIP text model is given.
   Without one, K = 0 is redrawn as K ~ U{1..max_shots}: an episode without any evidence would only
   teach the decoder to guess (the segmenter answers such episodes with UAPF's honest p = 0.5 output);
@@ -69,7 +69,7 @@ from fsdiff.methods.diffup.baft import (
 )
 from fsdiff.methods.diffup.config import DiffUpConfig
 from fsdiff.methods.diffup.segmenter import rgb_at, rgb_tensor, save_diffup
-from fsdiff.methods.diffup.synth import sample_episode_layout, synthesize_annotation
+from fsdiff.synth import sample_episode_layout, synthesize_annotation
 from fsdiff.methods.diffup.uqdd import build_models, training_losses
 
 _FP16_MAX = 65000.0

@@ -1,4 +1,4 @@
-"""Seeded annotation synthesis for DiffUp training and the weak-label benchmarks (DiffUp Sec. IV setup;
+"""Seeded annotation synthesis for DiffUp training and the weak-label benchmarks of every method (DiffUp Sec. IV setup;
 METHODS.md §4.2 "Annotation synthesis" and "Training", §5 "make annotation synthesis deterministic").
 
 The paper trains on "all annotation types"; how boxes and scribbles are made from GT masks is the
@@ -22,7 +22,9 @@ METHODS.md §4.2 reconstruction [R]:
   probability 0.5, always when K = 0.
 
 Everything draws from an explicit ``numpy.random.Generator``; :func:`episode_rng` derives a stable one
-per (seed, episode key), so box/scribble results are reproducible per episode.
+per (seed, episode key), so box/scribble results are reproducible per episode (the trainer derives its
+batch generators with it too). The module is method-neutral and light (numpy, OpenCV), so
+``fsdiff eval --support-annotation`` does not import any diffusion code.
 """
 
 from __future__ import annotations
@@ -331,7 +333,7 @@ def sample_episode_layout(
 # ----------------------------------------------------------------------------------------------------
 # weak-label benchmarks
 # ----------------------------------------------------------------------------------------------------
-SUPPORT_ANNOTATIONS: tuple[str, ...] = ("mask", "box", "scribble")
+SUPPORT_ANNOTATIONS: tuple[str, ...] = SHOT_TYPES
 """Support annotation kinds an evaluation can convert its mask supports to."""
 
 

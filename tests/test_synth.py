@@ -8,7 +8,7 @@ import pytest
 
 from fsdiff.episode import BoxAnnotation, MaskAnnotation, ScribbleAnnotation, TextAnnotation
 from fsdiff.errors import FsdiffError
-from fsdiff.methods.diffup.synth import (
+from fsdiff.synth import (
     EpisodeLayout,
     episode_rng,
     sample_episode_layout,
