@@ -53,6 +53,12 @@ def test_build_diffup_picks_the_benchmark_checkpoint(fake_root, source):  # noqa
     assert build_diffup().checkpoint == fake_root / "diffup-coco-all"
     explicit = build_diffup(checkpoint=fake_root / "diffup-coco-fold1", benchmark=dict(dataset="pascal", fold=0))
     assert explicit.checkpoint == fake_root / "diffup-coco-fold1"  # --checkpoint wins, no PASCAL error
+    # through the API, every method takes the benchmark; only diffup acts on it
+    from fsdiff.api import build_segmenter
+
+    assert build_segmenter("diffup", benchmark=dict(dataset="coco", fold=2)).checkpoint == fake_root / "diffup-coco-fold2"
+    proto = build_segmenter("prototype", benchmark=dict(dataset="pascal", fold=0), size=64)
+    assert proto.name == "prototype"
 
 
 def test_export_float16_round_trip(checkpoint, tmp_path, source):  # noqa: F811

@@ -102,16 +102,14 @@ def build_segmenter(method: str = DEFAULT_METHOD, *, encoder: str | None = None,
                     **kwargs):
     """Build a segmenter by name, optionally with another frozen encoder.
 
-    ``benchmark`` ({dataset, fold, convention}) lets a method with shipped weights (diffup) pick the
-    checkpoint that never saw that fold's test classes; other methods ignore it.
+    ``benchmark`` ({dataset, fold, convention}) goes to every method's factory: one with shipped weights
+    (diffup) picks the checkpoint that never saw that fold's test classes; the others ignore it.
     """
     from fsdiff.methods import build_method
 
     if encoder is not None:
         kwargs["encoder"] = encoder
-    if method == "diffup" and benchmark is not None:
-        kwargs["benchmark"] = benchmark
-    return build_method(method, **kwargs)
+    return build_method(method, benchmark=benchmark, **kwargs)
 
 
 @dataclass(frozen=True)

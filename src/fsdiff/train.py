@@ -35,6 +35,7 @@ them from there on resume).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -281,6 +282,20 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: leave them), restoring the count after."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _make_accelerator(mixed_precision: str):
     """A new Accelerator; an earlier one in this process with another precision is reset first."""
     from accelerate import Accelerator
@@ -369,207 +384,197 @@ def train(
         raise FsdiffError(f"train: max_grad_norm must be > 0 or None, got {max_grad_norm!r}.")
     if num_threads is not None:
         num_threads = _check_int("num_threads", num_threads, 1)
-        before = torch.get_num_threads()
-        torch.set_num_threads(num_threads)
-        try:
-            return train(trainable, out_dir, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         schedule=schedule, warmup=warmup, seed=seed, save_every=save_every, resume=resume,
-                         log_every=log_every, mixed_precision=mixed_precision, max_grad_norm=max_grad_norm,
-                         keep_last=keep_last, progress=progress, accelerator=accelerator, optimizer=optimizer,
-                         momentum=momentum, step_size=step_size, gamma=gamma)
-        finally:
-            torch.set_num_threads(before)
-
-    if accelerator is None:
-        accelerator = _make_accelerator(mixed_precision)
-    main = accelerator.is_main_process
-    proc = int(accelerator.process_index)
-    device = accelerator.device
-    out = Path(out_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        for pattern in (".checkpoint-*.tmp-*", f".{FINAL}.tmp-*"):  # leftovers of a crashed save
-            for p in out.glob(pattern):
-                shutil.rmtree(p, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-    modules = dict(trainable.modules())
-    if not modules:
-        raise FsdiffError(f"train: {type(trainable).__name__}.modules() returned no model to train.")
-    for m in modules.values():
-        m.to(device)
-    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-    if not params:
-        raise FsdiffError("train: the trainable's modules have no parameter that requires a gradient.")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
-    opt_name = optimizer
-    if opt_name == "sgd":
-        optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=float(lr), momentum=float(momentum))
-    else:
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, warmup, step_size, gamma))
-    optimizer = accelerator.prepare(optimizer)
-
-    settings = dict(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
-                    schedule=schedule, warmup=warmup, seed=seed, max_grad_norm=max_grad_norm,
-                    mixed_precision=mixed_precision, num_processes=int(accelerator.num_processes))
-    if opt_name != "adamw":
-        settings.update(optimizer=opt_name, momentum=float(momentum))
-    if schedule == "step":
-        settings.update(step_size=step_size, gamma=float(gamma))
-
-    start_step = 0
-    # Global RNGs (dropout, anything implicit) start from the seed too; a resume restores them below.
-    global_seed = int(derive_rng(seed, "global", proc).integers(0, 2**32 - 1))
-    torch.manual_seed(global_seed)
-    np.random.seed(global_seed)
-    random.seed(global_seed)
-    found = latest_checkpoint(out) if resume else None
-    if found is not None:
-        start_step, ckpt = found
-        doc = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
-        tensors = load_file(str(ckpt / STATE_TENSORS))
-        saved = doc.get("settings", {})
-        for key in ("seed", "batch_size", "schedule", "warmup", "lr", "optimizer", "momentum", "step_size", "gamma"):
-            if key not in saved and key not in _DEFAULT_SETTINGS:
-                continue
-            was, now = saved.get(key, _DEFAULT_SETTINGS.get(key)), settings.get(key, _DEFAULT_SETTINGS.get(key))
-            if was != now:
-                raise FsdiffError(
-                    f"train: {ckpt} was written with {key}={was!r} but this run asks for {now!r}; "
-                    "resume with the same settings, or pass resume=False / a new out_dir."
-                )
-        if start_step > steps:
-            raise FsdiffError(f"train: {ckpt} is already past steps={steps}; ask for at least {start_step} steps.")
-        _load_modules(modules, ckpt)
-        optimizer.load_state_dict(unflatten_state(doc["optimizer"], tensors))
-        scheduler.load_state_dict(unflatten_state(doc["scheduler"], tensors))
-        rng = doc.get("rng", {}).get(str(proc)) or doc.get("rng", {}).get("0")
-        if rng is not None:
-            set_rng_states(unflatten_state(rng, tensors))
-    log_path = out / LOG_FILE
-    if main:
-        kept = []
-        if log_path.is_file() and start_step > 0:
-            for line in log_path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= start_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    continue
-        with atomic_path(log_path) as tmp:
-            tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
-
-    def save_checkpoint(step: int) -> None:
-        opt_skel, opt_t = flatten_state(optimizer.state_dict(), "optimizer")
-        sch_skel, sch_t = flatten_state(scheduler.state_dict(), "scheduler")
-        rng_skel, rng_t = flatten_state(rng_states(), f"rng{proc}")
-        gathered = [(rng_skel, rng_t)]
-        if accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            gathered = gather_object([(rng_skel, rng_t)])
+    with _torch_threads(num_threads):
+        if accelerator is None:
+            accelerator = _make_accelerator(mixed_precision)
+        main = accelerator.is_main_process
+        proc = int(accelerator.process_index)
+        device = accelerator.device
+        out = Path(out_dir)
         if main:
-            tmp = _fresh_tmp(out, f"checkpoint-{step}")
-            trainable.save(tmp, {"step": step, "trainer": settings})
-            tensors = {**opt_t, **sch_t}
-            rng_doc = {}
-            for i, (skel, t) in enumerate(gathered):
-                rng_doc[str(i)] = skel
-                tensors.update(t)
-            save_file(tensors, str(tmp / STATE_TENSORS))
-            doc = {"format": "fsdiff-trainer-state", "version": 1, "step": step, "settings": settings,
-                   "optimizer": opt_skel, "scheduler": sch_skel, "rng": rng_doc}
-            (tmp / STATE_JSON).write_text(json.dumps(doc) + "\n", encoding="utf-8")
-            _replace_dir(tmp, out / f"checkpoint-{step}")
-            if keep_last is not None:
-                ckpts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT_RE.match(p.name)))
-                for _, p in ckpts[:-keep_last]:
+            out.mkdir(parents=True, exist_ok=True)
+            for pattern in (".checkpoint-*.tmp-*", f".{FINAL}.tmp-*"):  # leftovers of a crashed save
+                for p in out.glob(pattern):
                     shutil.rmtree(p, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    bar = tqdm(total=steps, initial=start_step, desc=f"train {getattr(trainable, 'name', 'model')}", unit="step",
-               disable=not (progress and main), file=sys.stderr, dynamic_ncols=True)
-    t_start = time.perf_counter()
-    window: dict[str, list[float]] = {}
-    last_loss: float | None = None
-    step_times: list[float] = []
-    try:
-        for step in range(start_step, steps):
-            t0 = time.perf_counter()
-            rng = derive_rng(seed, "batch", step, proc)
-            batch = _to_device(trainable.make_batch(step, rng, batch_size), device)
-            t_data = time.perf_counter() - t0
-            gen = torch.Generator()
-            gen.manual_seed(int(derive_rng(seed, "loss", step, proc).integers(0, 2**63 - 1)))
-            for m in modules.values():
-                m.train()
-            with accelerator.autocast():
-                losses = trainable.loss(batch, gen)
-            loss = losses["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                raise FsdiffError(
-                    f"train: the loss became {float(loss.detach())} at step {step}; lower lr (now {lr}) or check "
-                    f"the data; the last good checkpoint is {latest_checkpoint(out)}."
-                )
-            accelerator.backward(loss)
-            if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                flat = accelerator.reduce(flat, reduction="mean")
-                offset = 0
-                for p in params:
-                    n = p.numel()
-                    p.grad.copy_(flat[offset:offset + n].view_as(p))
-                    offset += n
-            grad_norm = None
-            if max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(params, float(max_grad_norm)))
-            cur_lr = float(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            step_times.append(dt)
-            last_loss = float(loss.detach())
-            for k, v in losses.items():
-                if isinstance(v, torch.Tensor) and v.numel() == 1:
-                    window.setdefault(k, []).append(float(v.detach()))
-            window.setdefault("data_s", []).append(t_data)
-            window.setdefault("sec_per_step", []).append(dt)
-            if grad_norm is not None:
-                window.setdefault("grad_norm", []).append(grad_norm)
-            done = step + 1
-            bar.update(1)
-            if main:
-                bar.set_postfix(loss=f"{last_loss:.4f}", s_step=f"{dt:.2f}", refresh=False)
-            if done % log_every == 0 or done == steps:
-                if main:
-                    rec = {"step": done, "lr": cur_lr, **{k: float(np.mean(v)) for k, v in window.items()},
-                           "elapsed_s": time.perf_counter() - t_start}
-                    with open(log_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(rec) + "\n")
-                window = {}
-            if save_every and (done % save_every == 0 or done == steps):
-                save_checkpoint(done)
-    finally:
-        bar.close()
+        modules = dict(trainable.modules())
+        if not modules:
+            raise FsdiffError(f"train: {type(trainable).__name__}.modules() returned no model to train.")
+        for m in modules.values():
+            m.to(device)
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        if not params:
+            raise FsdiffError("train: the trainable's modules have no parameter that requires a gradient.")
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
+        opt_name = optimizer
+        if opt_name == "sgd":
+            optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=float(lr), momentum=float(momentum))
+        else:
+            optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=float(lr), betas=(0.9, 0.999), eps=1e-8)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, warmup, step_size, gamma))
+        optimizer = accelerator.prepare(optimizer)
 
-    final = out / FINAL
-    if main:
-        tmp = _fresh_tmp(out, FINAL)
-        trainable.save(tmp, {"step": steps, "trainer": settings})
-        _replace_dir(tmp, final)
-    accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - t_start
-    return TrainResult(
-        out_dir=out, final_dir=final, steps=steps, start_step=start_step, seconds=seconds,
-        seconds_per_step=float(np.mean(step_times)) if step_times else 0.0, last_loss=last_loss, log_path=log_path,
-    )
+        settings = dict(steps=steps, batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay),
+                        schedule=schedule, warmup=warmup, seed=seed, max_grad_norm=max_grad_norm,
+                        mixed_precision=mixed_precision, num_processes=int(accelerator.num_processes))
+        if opt_name != "adamw":
+            settings.update(optimizer=opt_name, momentum=float(momentum))
+        if schedule == "step":
+            settings.update(step_size=step_size, gamma=float(gamma))
+
+        start_step = 0
+        # Global RNGs (dropout, anything implicit) start from the seed too; a resume restores them below.
+        global_seed = int(derive_rng(seed, "global", proc).integers(0, 2**32 - 1))
+        torch.manual_seed(global_seed)
+        np.random.seed(global_seed)
+        random.seed(global_seed)
+        found = latest_checkpoint(out) if resume else None
+        if found is not None:
+            start_step, ckpt = found
+            doc = json.loads((ckpt / STATE_JSON).read_text(encoding="utf-8"))
+            tensors = load_file(str(ckpt / STATE_TENSORS))
+            saved = doc.get("settings", {})
+            for key in ("seed", "batch_size", "schedule", "warmup", "lr", "optimizer", "momentum", "step_size", "gamma"):
+                if key not in saved and key not in _DEFAULT_SETTINGS:
+                    continue
+                was, now = saved.get(key, _DEFAULT_SETTINGS.get(key)), settings.get(key, _DEFAULT_SETTINGS.get(key))
+                if was != now:
+                    raise FsdiffError(
+                        f"train: {ckpt} was written with {key}={was!r} but this run asks for {now!r}; "
+                        "resume with the same settings, or pass resume=False / a new out_dir."
+                    )
+            if start_step > steps:
+                raise FsdiffError(f"train: {ckpt} is already past steps={steps}; ask for at least {start_step} steps.")
+            _load_modules(modules, ckpt)
+            optimizer.load_state_dict(unflatten_state(doc["optimizer"], tensors))
+            scheduler.load_state_dict(unflatten_state(doc["scheduler"], tensors))
+            rng = doc.get("rng", {}).get(str(proc)) or doc.get("rng", {}).get("0")
+            if rng is not None:
+                set_rng_states(unflatten_state(rng, tensors))
+        log_path = out / LOG_FILE
+        if main:
+            kept = []
+            if log_path.is_file() and start_step > 0:
+                for line in log_path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= start_step:
+                            kept.append(line)
+                    except json.JSONDecodeError:
+                        continue
+            with atomic_path(log_path) as tmp:
+                tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+
+        def save_checkpoint(step: int) -> None:
+            opt_skel, opt_t = flatten_state(optimizer.state_dict(), "optimizer")
+            sch_skel, sch_t = flatten_state(scheduler.state_dict(), "scheduler")
+            rng_skel, rng_t = flatten_state(rng_states(), f"rng{proc}")
+            gathered = [(rng_skel, rng_t)]
+            if accelerator.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                gathered = gather_object([(rng_skel, rng_t)])
+            if main:
+                tmp = _fresh_tmp(out, f"checkpoint-{step}")
+                trainable.save(tmp, {"step": step, "trainer": settings})
+                tensors = {**opt_t, **sch_t}
+                rng_doc = {}
+                for i, (skel, t) in enumerate(gathered):
+                    rng_doc[str(i)] = skel
+                    tensors.update(t)
+                save_file(tensors, str(tmp / STATE_TENSORS))
+                doc = {"format": "fsdiff-trainer-state", "version": 1, "step": step, "settings": settings,
+                       "optimizer": opt_skel, "scheduler": sch_skel, "rng": rng_doc}
+                (tmp / STATE_JSON).write_text(json.dumps(doc) + "\n", encoding="utf-8")
+                _replace_dir(tmp, out / f"checkpoint-{step}")
+                if keep_last is not None:
+                    ckpts = sorted((int(m.group(1)), p) for p in out.iterdir() if (m := _CKPT_RE.match(p.name)))
+                    for _, p in ckpts[:-keep_last]:
+                        shutil.rmtree(p, ignore_errors=True)
+            accelerator.wait_for_everyone()
+
+        bar = tqdm(total=steps, initial=start_step, desc=f"train {getattr(trainable, 'name', 'model')}", unit="step",
+                   disable=not (progress and main), file=sys.stderr, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        window: dict[str, list[float]] = {}
+        last_loss: float | None = None
+        step_times: list[float] = []
+        try:
+            for step in range(start_step, steps):
+                t0 = time.perf_counter()
+                rng = derive_rng(seed, "batch", step, proc)
+                batch = _to_device(trainable.make_batch(step, rng, batch_size), device)
+                t_data = time.perf_counter() - t0
+                gen = torch.Generator()
+                gen.manual_seed(int(derive_rng(seed, "loss", step, proc).integers(0, 2**63 - 1)))
+                for m in modules.values():
+                    m.train()
+                with accelerator.autocast():
+                    losses = trainable.loss(batch, gen)
+                loss = losses["loss"]
+                if not torch.isfinite(loss.detach()).all():
+                    raise FsdiffError(
+                        f"train: the loss became {float(loss.detach())} at step {step}; lower lr (now {lr}) or check "
+                        f"the data; the last good checkpoint is {latest_checkpoint(out)}."
+                    )
+                accelerator.backward(loss)
+                if accelerator.num_processes > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                    flat = torch.cat([p.grad.reshape(-1) for p in params])
+                    flat = accelerator.reduce(flat, reduction="mean")
+                    offset = 0
+                    for p in params:
+                        n = p.numel()
+                        p.grad.copy_(flat[offset:offset + n].view_as(p))
+                        offset += n
+                grad_norm = None
+                if max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(params, float(max_grad_norm)))
+                cur_lr = float(optimizer.param_groups[0]["lr"])
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                dt = time.perf_counter() - t0
+                step_times.append(dt)
+                last_loss = float(loss.detach())
+                for k, v in losses.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        window.setdefault(k, []).append(float(v.detach()))
+                window.setdefault("data_s", []).append(t_data)
+                window.setdefault("sec_per_step", []).append(dt)
+                if grad_norm is not None:
+                    window.setdefault("grad_norm", []).append(grad_norm)
+                done = step + 1
+                bar.update(1)
+                if main:
+                    bar.set_postfix(loss=f"{last_loss:.4f}", s_step=f"{dt:.2f}", refresh=False)
+                if done % log_every == 0 or done == steps:
+                    if main:
+                        rec = {"step": done, "lr": cur_lr, **{k: float(np.mean(v)) for k, v in window.items()},
+                               "elapsed_s": time.perf_counter() - t_start}
+                        with open(log_path, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps(rec) + "\n")
+                    window = {}
+                if save_every and (done % save_every == 0 or done == steps):
+                    save_checkpoint(done)
+        finally:
+            bar.close()
+
+        final = out / FINAL
+        if main:
+            tmp = _fresh_tmp(out, FINAL)
+            trainable.save(tmp, {"step": steps, "trainer": settings})
+            _replace_dir(tmp, final)
+        accelerator.wait_for_everyone()
+        seconds = time.perf_counter() - t_start
+        return TrainResult(
+            out_dir=out, final_dir=final, steps=steps, start_step=start_step, seconds=seconds,
+            seconds_per_step=float(np.mean(step_times)) if step_times else 0.0, last_loss=last_loss, log_path=log_path,
+        )
 
 
 __all__ = ["OPTIMIZERS", "SCHEDULES", "Trainable", "TrainResult", "derive_rng", "flatten_state", "latest_checkpoint",

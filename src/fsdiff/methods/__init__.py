@@ -9,11 +9,15 @@ from fsdiff.registry import Registry
 METHODS: Registry[Segmenter] = Registry("method")
 """Registered segmenters: ``prototype`` (training-free baseline), ``diffseg-prior`` (training-free
 Kandinsky attention prior), ``diffseg`` (DiffSeg with a trained PAM/SCM checkpoint), ``diffup`` (DiffUp
-mask diffusion on backbone-agnostic priors, with a trained checkpoint)."""
+mask diffusion on backbone-agnostic priors, with a trained checkpoint).
+
+Every factory takes ``benchmark`` ({dataset, fold, convention} or None): a method with shipped weights picks
+the checkpoint that never saw that benchmark's test classes, the others ignore it."""
 
 
 @METHODS.register("prototype")
-def _build_prototype(**kwargs) -> Segmenter:
+def _build_prototype(benchmark=None, **kwargs) -> Segmenter:
+    del benchmark  # no shipped weights: every benchmark gets the same model
     from fsdiff.methods.prototype import PrototypeSegmenter
 
     return PrototypeSegmenter(**kwargs)
@@ -27,14 +31,16 @@ def _build_diffup(**kwargs) -> Segmenter:
 
 
 @METHODS.register("diffseg-prior")
-def _build_diffseg_prior(**kwargs) -> Segmenter:
+def _build_diffseg_prior(benchmark=None, **kwargs) -> Segmenter:
+    del benchmark  # no shipped weights: every benchmark gets the same model
     from fsdiff.methods.diffseg import build_diffseg_prior
 
     return build_diffseg_prior(**kwargs)
 
 
 @METHODS.register("diffseg")
-def _build_diffseg(**kwargs) -> Segmenter:
+def _build_diffseg(benchmark=None, **kwargs) -> Segmenter:
+    del benchmark  # no shipped weights: every benchmark gets the same model
     from fsdiff.methods.diffseg import build_diffseg
 
     return build_diffseg(**kwargs)
