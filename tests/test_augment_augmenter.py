@@ -109,6 +109,9 @@ def test_k2_first_vs_all(gen: ControlNetGenerator) -> None:
 
 def test_spec_and_condition_checks(gen: ControlNetGenerator) -> None:
     assert Augmenter(gen, "seg:2").n == 2 and Augmenter(gen).spec == "seg:4"
+    assert Augmenter(gen, "seg:2", n=3).n == 3  # an explicit n wins over the spec's count (as in pregenerate)
+    with pytest.raises(FsdiffError, match="integer >= 0"):
+        Augmenter(gen, n=-1)
     with pytest.raises(FsdiffError, match="does not match the generator"):
         Augmenter(gen, "hed:4")
     with pytest.raises(FsdiffError, match="unknown condition"):

@@ -136,6 +136,11 @@ def test_pregenerate_bad_input(tmp_path: Path) -> None:
         pregenerate([("b", 1)], gen, n=1, loader=loader, class_names={1: "dog"}, fail_fast=True, progress=False)
     with pytest.raises(FsdiffError, match="does not match"):
         pregenerate([("a", 1)], gen, "hed", loader=loader, class_names={1: "dog"}, progress=False)
+    # the same precedence as the Augmenter: an explicit n wins over the spec's count
+    assert pregenerate([("a", 1)], gen, "seg:2", n=3, loader=loader, class_names={1: "dog"}, progress=False).n == 3
+    assert pregenerate([("a", 1)], gen, "seg:2", loader=loader, class_names={1: "dog"}, progress=False).n == 2
+    with pytest.raises(FsdiffError, match="integer >= 1"):
+        pregenerate([("a", 1)], gen, n=0, loader=loader, class_names={1: "dog"}, progress=False)
     with pytest.raises(FsdiffError, match="source= or loader="):
         pregenerate([("a", 1)], gen, n=1, progress=False)
     with pytest.raises(FsdiffError, match="needs a cache"):

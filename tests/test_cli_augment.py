@@ -38,16 +38,29 @@ def test_generate_list_check_then_segment_from_cache(tmp_path, capsys, tiny_mode
     assert main(["augment", "list", "--cache", str(cache)]) == 0
     listed = capsys.readouterr().out
     assert "4 cached image(s)" in listed
+    rows = [json.loads(line) for line in listed.splitlines() if line.startswith("{")]
+    assert {r["shard"] for r in rows} == {"0/1"} and {r["class_name"] for r in rows} == {"ds"}
     assert main(["augment", "check", "--cache", str(cache)]) == 0
     assert json.loads(capsys.readouterr().out)["ok"] is True
 
     ds = tmp_path / "ds"
     code = main(["segment", "--support", str(ds / "images/x0.png"), "--mask", str(ds / "masks/x0.png"), "--query", str(ds / "images/x1.png"),
                  "--out", str(tmp_path / "o"), "--augment", "seg:2", "--augment-cache", str(cache), "--augment-steps", "2",
-                 "--augment-resolution", "64", *common])
+                 "--augment-resolution", "64", "--class-name", "ds", *common])
     err = capsys.readouterr().err
     assert code == 0, err
     assert (tmp_path / "o" / "x1_mask.png").is_file()
+    assert main(["augment", "list", "--cache", str(cache)]) == 0
+    assert "4 cached image(s)" in capsys.readouterr().out  # segment read the cached images, generated none
+
+
+@pytest.mark.parametrize("command", ["list", "check"])
+def test_list_and_check_refuse_a_missing_cache(tmp_path, capsys, command):
+    missing = tmp_path / "typo"
+    assert main(["augment", command, "--cache", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"cache folder {missing} does not exist" in err and "Traceback" not in err
+    assert not missing.exists()  # a typo must not create an empty cache
 
 
 def test_augment_bad_input(tmp_path, capsys, tiny_models):

@@ -265,17 +265,16 @@ def _parse_shard(text: str | None):
 def _cmd_augment(args: argparse.Namespace) -> int:
     import json
 
-    from fsdiff.augment.cache import GenerationCache
     from fsdiff.augment.pregenerate import check_cache, list_cache
 
     if args.augment_command == "list":
-        rows = list_cache(GenerationCache(args.cache))
+        rows = list_cache(args.cache)
         for row in rows:
             print(json.dumps(row, default=str))
         print(f"{len(rows)} cached image(s) in {args.cache}")
         return 0
     if args.augment_command == "check":
-        report = check_cache(GenerationCache(args.cache), cleanup=args.cleanup)
+        report = check_cache(args.cache, cleanup=args.cleanup)
         print(json.dumps(report, indent=2, default=str))
         return 0 if not report.get("problems") else 1
     from fsdiff.api import open_source
@@ -283,15 +282,15 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     from fsdiff.augment.generate import GenerationConfig, load_generator
     from fsdiff.augment.pregenerate import pregenerate, process_device, resolve_shard
 
-    kind, n = parse_condition(args.condition)
+    kind, _n = parse_condition(args.condition)
     shard = resolve_shard(_parse_shard(args.shard))
     source = open_source(args.dataset, args.root, fold=args.fold, split=args.split, ann=args.ann, splits_dir=args.splits, convention=args.split_convention)
     gen = load_generator(
         kind, model=args.sd_model, controlnet=args.controlnet, cache=args.cache,
         config=GenerationConfig(steps=args.steps, seed=args.seed).replace(resolution=args.resolution),
-        device=process_device(None if args.shard is None else shard), lazy=False,
+        device=process_device(None if args.shard is None else shard), lazy=False, shard=f"{shard[0]}/{shard[1]}",
     )
-    report = pregenerate(source, gen, args.condition, n, cache=gen.cache, shard=shard, progress=not args.no_progress)
+    report = pregenerate(source, gen, args.condition, cache=gen.cache, shard=shard, progress=not args.no_progress)
     print(json.dumps(report.as_dict(), indent=2, default=str))
     for failure in report.failed:
         print(f"fsdiff: skipped {failure}", file=sys.stderr)

@@ -27,8 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fsdiff.augment.controls import DEFAULT_SAMPLES, parse_condition
-from fsdiff.augment.generate import GeneratedImage, Generator, check_condition
+from fsdiff.augment.generate import GeneratedImage, Generator, resolve_spec
 from fsdiff.episode import Episode, Shot
 from fsdiff.errors import FsdiffError
 
@@ -67,21 +66,7 @@ class Augmenter:
                 f"generator must have a .condition and a .generate(image, annotation, class_name, n) method "
                 f"(e.g. fsdiff.augment.generate.ControlNetGenerator), got {type(generator).__name__}."
             )
-        spec_n = None
-        if condition is None:
-            condition = gen_cond
-        elif isinstance(condition, str) and ":" in condition:
-            condition, spec_n = parse_condition(condition)
-        kind = check_condition(condition)
-        if kind != check_condition(gen_cond):
-            raise FsdiffError(
-                f"condition {kind!r} does not match the generator's ControlNet, which takes {gen_cond!r} maps; "
-                f"load a {kind} ControlNet (e.g. lllyasviel/sd-controlnet-{kind}) or ask for {gen_cond!r}."
-            )
-        if n is None:
-            n = spec_n if spec_n is not None else DEFAULT_SAMPLES
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-            raise FsdiffError(f"n (generated images per support) must be a non-negative integer, got {n!r}.")
+        kind, n = resolve_spec(gen_cond, condition, n, minimum=0)
         if per_shot not in PER_SHOT:
             raise FsdiffError(
                 f"per_shot must be 'first' (DifFSS: only the first real support is augmented) or 'all', "
@@ -91,7 +76,7 @@ class Augmenter:
             raise FsdiffError(f"fill_dropped must be 'none' or 'real', got {fill_dropped!r}.")
         self.generator = generator
         self.condition = kind
-        self.n = int(n)
+        self.n = n
         self.per_shot = per_shot
         self.drift_filter = drift_filter
         self.fill_dropped = fill_dropped

@@ -401,9 +401,16 @@ class GenerationCache:
 
     __contains__ = contains
 
+    def records(self) -> Iterator[dict]:
+        """The record (``key``, ``files``, ``meta``, ``created``, ...) of every committed entry, in key order."""
+        for entry in self._entry_dirs():
+            rec = self._read_record(entry)
+            if rec is not None:
+                yield rec
+
     def keys(self) -> list[str]:
         """Keys of all committed entries, sorted."""
-        return [e.name for e in self._entry_dirs() if self._read_record(e) is not None]
+        return [rec["key"] for rec in self.records()]
 
     def list(self) -> list[str]:  # noqa: A003 - the name the design asks for
         """Keys of all committed entries, sorted (same as :meth:`keys`)."""

@@ -62,6 +62,7 @@ from fsdiff.augment.controls import (
     build_prompt,
     control_to_tensor,
     generation_size,
+    parse_condition,
     resize_for_generation,
     support_regions,
 )
@@ -235,6 +236,32 @@ def check_condition(condition: str) -> str:
             f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)} (the DifFSS guidance kinds)."
         )
     return condition.strip().lower()
+
+
+def resolve_spec(generator_condition: str, condition: str | None, n: int | None, *, minimum: int = 0) -> tuple[str, int]:
+    """(kind, n) from a spec ``kind[:n]`` (None: the generator's kind) and an explicit ``n``.
+
+    An explicit ``n`` wins over the spec's count; with neither, n = DEFAULT_SAMPLES. The kind must be the
+    generator's, since a ControlNet is trained for one kind of control map; n must be >= ``minimum``.
+    """
+    gen_kind = check_condition(generator_condition)
+    spec_n = None
+    if condition is None:
+        kind = gen_kind
+    elif isinstance(condition, str) and ":" in condition:
+        kind, spec_n = parse_condition(condition)
+    else:
+        kind = check_condition(condition)
+    if kind != gen_kind:
+        raise FsdiffError(
+            f"condition {kind!r} does not match the generator's ControlNet, which takes {gen_kind!r} maps; "
+            f"load a {kind} ControlNet (e.g. lllyasviel/sd-controlnet-{kind}) or ask for {gen_kind!r}."
+        )
+    if n is None:
+        n = spec_n if spec_n is not None else DEFAULT_SAMPLES
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < minimum:
+        raise FsdiffError(f"n (generated images per support) must be an integer >= {minimum}, got {n!r}.")
+    return kind, int(n)
 
 
 def _indices(n: int | None, indices: Sequence[int] | None) -> list[int]:
@@ -656,6 +683,6 @@ def load_generator(
 
 __all__ = [
     "ControlNetGenerator", "GeneratedImage", "GenerationConfig", "Generator", "SCHEDULER_ID", "annotation_array",
-    "as_annotation", "build_pipeline", "check_condition", "ddim_scheduler", "derive_seed", "load_generator",
+    "as_annotation", "build_pipeline", "check_condition", "resolve_spec", "ddim_scheduler", "derive_seed", "load_generator",
     "load_models", "model_id", "model_specs", "resize_back", "support_identity",
 ]

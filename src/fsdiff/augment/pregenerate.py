@@ -19,19 +19,18 @@ runs on shard 0 only.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fsdiff.augment.cache import RECORD_NAME, GenerationCache
-from fsdiff.augment.controls import DEFAULT_SAMPLES, parse_condition
-from fsdiff.augment.generate import Generator, check_condition
+from fsdiff.augment.cache import GenerationCache
+from fsdiff.augment.generate import Generator, resolve_spec
 from fsdiff.episode import MaskAnnotation
 from fsdiff.errors import FsdiffError
 
@@ -206,7 +205,7 @@ def pregenerate(
     items: FewShotSource | Iterable[Any],
     generator: Generator,
     condition: str | None = None,
-    n: int = DEFAULT_SAMPLES,
+    n: int | None = None,
     cache: GenerationCache | str | os.PathLike | None = None,
     shard: Sequence[int] | str | None = None,
     *,
@@ -253,18 +252,10 @@ def pregenerate(
             return table[cid]
     else:
         name_of = class_names
-    gen_cond = check_condition(getattr(generator, "condition", ""))
-    if condition is not None:
-        kind, spec_n = parse_condition(condition) if ":" in condition else (check_condition(condition), None)
-        if kind != gen_cond:
-            raise FsdiffError(f"condition {kind!r} does not match the generator's ControlNet ({gen_cond!r}).")
-        if spec_n is not None:
-            n = spec_n
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise FsdiffError(f"n (images per support) must be a positive integer, got {n!r}.")
+    gen_cond, n = resolve_spec(getattr(generator, "condition", ""), condition, n, minimum=1)
     _use_cache(generator, cache)
     index, count = resolve_shard(shard)
-    mine = [it for i, it in enumerate(all_items) if i % count == index]
+    mine = shard_items(all_items, index, count)
     report = PregenerateReport(shard=(index, count), condition=gen_cond, n=int(n), total_items=len(all_items),
                                assigned=len(mine), items=[(it.image_key, it.class_id) for it in mine])
     bar = None
@@ -308,31 +299,35 @@ def pregenerate(
     return report
 
 
+def _existing_cache(cache: GenerationCache | str | os.PathLike) -> GenerationCache:
+    """A GenerationCache over an existing folder (a typo must not create an empty cache and report success)."""
+    if isinstance(cache, GenerationCache):
+        return cache
+    if not Path(cache).is_dir():
+        raise FsdiffError(
+            f"cache folder {cache} does not exist; give the --cache folder that `fsdiff augment generate` wrote."
+        )
+    return GenerationCache(cache)
+
+
 def list_cache(cache: GenerationCache | str | os.PathLike) -> list[dict[str, Any]]:
     """One row per committed cache entry: key, class, condition, seed, index, attempt, sizes, shard, created."""
-    if not isinstance(cache, GenerationCache):
-        cache = GenerationCache(cache)
     rows = []
-    for key in cache.keys():
-        try:
-            rec = json.loads((cache.entry_dir(key) / RECORD_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # removed or rewritten meanwhile
+    for rec in _existing_cache(cache).records():
         meta = rec.get("meta") or {}
         rows.append({
-            "key": key, "class_name": meta.get("class_name"), "condition": meta.get("condition"),
+            "key": rec["key"], "class_name": meta.get("class_name"), "condition": meta.get("condition"),
             "seed": meta.get("seed"), "index": meta.get("index"), "attempt": meta.get("attempt"),
             "support": meta.get("support"), "support_size": meta.get("support_size"),
             "generated_size": meta.get("generated_size"), "steps": meta.get("steps"), "shard": meta.get("shard"),
-            "created": rec.get("created"), "files": sorted((rec.get("files") or {}).keys()),
+            "created": rec.get("created"), "files": sorted(rec["files"]),
         })
     return rows
 
 
 def check_cache(cache: GenerationCache | str | os.PathLike, cleanup: bool = False) -> dict[str, Any]:
     """Verify every entry's files against their checksums; list (and with ``cleanup`` delete) partial writes."""
-    if not isinstance(cache, GenerationCache):
-        cache = GenerationCache(cache)
+    cache = _existing_cache(cache)
     problems = cache.check()
     partial = [str(p) for p in cache.partial_files()]
     removed = [str(p) for p in cache.cleanup_partial()] if cleanup else []
