@@ -53,7 +53,6 @@ SCORES = ("segment", "separability")
 DEFAULT_THRESHOLDS = {"segment": 0.5, "separability": 0.8}
 """Uncalibrated defaults [R]: IoU for 'segment', AUC for 'separability'."""
 ON_EXHAUSTED = ("drop", "keep_best")
-OUTCOMES = ("kept", "retried", "dropped", "kept_best", "rejected", "unscored")
 FG_MIN, BG_MAX = 0.75, 0.25
 """Separability cells count as foreground at mask fraction >= FG_MIN, background at <= BG_MAX."""
 WORK_SIDE = 128
@@ -90,10 +89,6 @@ def reused_regions(annotation: Annotation | np.ndarray, shape: tuple[int, int]) 
 # ----------------------------------------------------------------------------------------------
 
 
-mask_iou = binary_iou
-"""IoU of two boolean maps over the valid pixels (1.0 when both are empty): :func:`fsdiff.metrics.binary_iou`."""
-
-
 def segment_score(
     real_image: np.ndarray,
     annotation: Annotation | np.ndarray,
@@ -116,7 +111,7 @@ def segment_score(
     prob = np.asarray(segmenter.predict(episode)[0])
     if prob.shape != fg.shape:
         raise FsdiffError(f"drift score: the segmenter returned a {prob.shape} map for a {fg.shape} image.")
-    return float(mask_iou(prob > float(segmenter.threshold), fg, valid))
+    return float(binary_iou(prob > float(segmenter.threshold), fg, valid))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,10 +238,29 @@ class DriftReport:
     threshold: float
     max_retries: int
     records: list[DriftRecord] = field(default_factory=list)
-    kept: int = 0
-    regenerated: int = 0
-    dropped: int = 0
-    unscored: int = 0
+
+    def _count(self, *outcomes: str) -> int:
+        return sum(r.outcome in outcomes for r in self.records)
+
+    @property
+    def kept(self) -> int:
+        """Images kept: passed, best of an exhausted retry chain, or unscored."""
+        return self._count("kept", "kept_best", "unscored")
+
+    @property
+    def regenerated(self) -> int:
+        """Regenerations asked for (one per 'retried' record)."""
+        return self._count("retried")
+
+    @property
+    def dropped(self) -> int:
+        """Images dropped after their last attempt."""
+        return self._count("dropped")
+
+    @property
+    def unscored(self) -> int:
+        """Images whose score was NaN (kept)."""
+        return self._count("unscored")
 
     @property
     def scores(self) -> list[float]:
@@ -259,10 +273,13 @@ class DriftReport:
         return [r.score for r in self.records if r.attempt == 0]
 
     def merged(self, other: "DriftReport") -> "DriftReport":
-        """A new report holding both reports' records and counts."""
-        return DriftReport(self.score, self.threshold, self.max_retries, self.records + other.records,
-                           self.kept + other.kept, self.regenerated + other.regenerated,
-                           self.dropped + other.dropped, self.unscored + other.unscored)
+        """A new report holding both reports' records."""
+        return DriftReport(self.score, self.threshold, self.max_retries, self.records + other.records)
+
+    def add(self, other: "DriftReport") -> "DriftReport":
+        """Append ``other``'s records to this report (in place, for running totals); returns self."""
+        self.records.extend(other.records)
+        return self
 
     def summary(self) -> dict[str, Any]:
         """Distribution of the first-attempt scores: n, mean, quantiles, fraction under the threshold."""
@@ -381,22 +398,18 @@ class DriftFilter:
                 s = float(self.score_image(image, annotation, current.image, class_name))
                 if not math.isfinite(s):
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "unscored"))
-                    rep.unscored += 1
-                    rep.kept += 1
                     kept.append(current)
                     break
                 if best is None or s > best[0]:
                     best = (s, current, len(rep.records))
                 if s >= self.threshold:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "kept"))
-                    rep.kept += 1
                     kept.append(current)
                     break
                 if retries < self.max_retries:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "retried"))
                     retries += 1
                     attempt += 1
-                    rep.regenerated += 1
                     current = generator.generate(image, annotation, class_name, indices=[current.index],
                                                  attempt=attempt)[0]
                     continue
@@ -406,17 +419,15 @@ class DriftFilter:
                     old = rep.records[bpos]
                     rep.records[bpos] = DriftRecord(old.support_id, old.index, old.attempt, old.seed, old.score,
                                                     "kept_best")
-                    rep.kept += 1
                     kept.append(bitem)
                 else:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "dropped"))
-                    rep.dropped += 1
                 break
-        self.report = self.report.merged(rep)
+        self.report.add(rep)
         return kept, rep
 
 
 __all__ = [
     "DEFAULT_THRESHOLDS", "DriftFilter", "DriftRecord", "DriftReport", "SCORES", "auc", "colour_features",
-    "encoder_features", "mask_iou", "reused_regions", "segment_score", "separability_score",
+    "encoder_features", "reused_regions", "segment_score", "separability_score",
 ]

@@ -274,7 +274,7 @@ def pregenerate(
                 outs = generator.generate(image, ann, name, int(n))
                 if drift_filter is not None:
                     outs, rep = drift_filter.filter(generator, image, ann, name, outs, support_id=it.image_key)
-                    report.drift = rep if report.drift is None else report.drift.merged(rep)
+                    report.drift = rep if report.drift is None else report.drift.add(rep)  # rep is this call's own
             except FsdiffError as exc:
                 if fail_fast:
                     raise
