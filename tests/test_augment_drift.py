@@ -156,6 +156,8 @@ def test_filter_regenerates_then_drops() -> None:
     # cumulative report over calls
     filt.filter(gen, REAL, MASK, "dog", gen.generate(REAL, MASK, "dog", 1))
     assert filt.report.kept == 3 and len(filt.report.records) == 7
+    both = rep.merged(rep)  # a new report with both halves' records and counts; rep itself unchanged
+    assert (both.kept, both.regenerated, both.dropped, len(both.records)) == (4, 6, 2, 12) and len(rep.records) == 6
     filt.reset()
     assert filt.report.records == []
 

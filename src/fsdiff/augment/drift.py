@@ -31,6 +31,7 @@ calibrate them on a benchmark's score distribution (``DriftReport.summary()``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -238,29 +239,10 @@ class DriftReport:
     threshold: float
     max_retries: int
     records: list[DriftRecord] = field(default_factory=list)
-
-    def _count(self, *outcomes: str) -> int:
-        return sum(r.outcome in outcomes for r in self.records)
-
-    @property
-    def kept(self) -> int:
-        """Images kept: passed, best of an exhausted retry chain, or unscored."""
-        return self._count("kept", "kept_best", "unscored")
-
-    @property
-    def regenerated(self) -> int:
-        """Regenerations asked for (one per 'retried' record)."""
-        return self._count("retried")
-
-    @property
-    def dropped(self) -> int:
-        """Images dropped after their last attempt."""
-        return self._count("dropped")
-
-    @property
-    def unscored(self) -> int:
-        """Images whose score was NaN (kept)."""
-        return self._count("unscored")
+    kept: int = 0
+    regenerated: int = 0  # not derivable from the records: keep_best rewrites a retried record as kept_best
+    dropped: int = 0
+    unscored: int = 0
 
     @property
     def scores(self) -> list[float]:
@@ -273,12 +255,16 @@ class DriftReport:
         return [r.score for r in self.records if r.attempt == 0]
 
     def merged(self, other: "DriftReport") -> "DriftReport":
-        """A new report holding both reports' records."""
-        return DriftReport(self.score, self.threshold, self.max_retries, self.records + other.records)
+        """A new report holding both reports' records and counts."""
+        return dataclasses.replace(self, records=list(self.records)).add(other)
 
     def add(self, other: "DriftReport") -> "DriftReport":
-        """Append ``other``'s records to this report (in place, for running totals); returns self."""
+        """Add ``other``'s records and counts to this report (in place, for running totals); returns self."""
         self.records.extend(other.records)
+        self.kept += other.kept
+        self.regenerated += other.regenerated
+        self.dropped += other.dropped
+        self.unscored += other.unscored
         return self
 
     def summary(self) -> dict[str, Any]:
@@ -398,18 +384,22 @@ class DriftFilter:
                 s = float(self.score_image(image, annotation, current.image, class_name))
                 if not math.isfinite(s):
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "unscored"))
+                    rep.unscored += 1
+                    rep.kept += 1
                     kept.append(current)
                     break
                 if best is None or s > best[0]:
                     best = (s, current, len(rep.records))
                 if s >= self.threshold:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "kept"))
+                    rep.kept += 1
                     kept.append(current)
                     break
                 if retries < self.max_retries:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "retried"))
                     retries += 1
                     attempt += 1
+                    rep.regenerated += 1
                     current = generator.generate(image, annotation, class_name, indices=[current.index],
                                                  attempt=attempt)[0]
                     continue
@@ -419,9 +409,11 @@ class DriftFilter:
                     old = rep.records[bpos]
                     rep.records[bpos] = DriftRecord(old.support_id, old.index, old.attempt, old.seed, old.score,
                                                     "kept_best")
+                    rep.kept += 1
                     kept.append(bitem)
                 else:
                     rep.records.append(DriftRecord(support_id, current.index, attempt, current.seed, s, "dropped"))
+                    rep.dropped += 1
                 break
         self.report.add(rep)
         return kept, rep
