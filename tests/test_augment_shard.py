@@ -212,3 +212,26 @@ def test_two_processes_share_one_cache_without_double_work(tmp_path: Path) -> No
         owner = 0 if r["key"] in gen_keys[0] else 1
         assert r["shard"] == f"{owner}/2"
     assert check_cache(tmp_path / "cache")["ok"]
+
+
+def test_process_layout_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsdiff.distributed (shared by pre-generation and DiffSeg training): one process, the default device;
+    the two-process case is exercised for real by test_augment_accelerate."""
+    import torch
+
+    from fsdiff import distributed
+    from fsdiff.methods.diffseg.training import steps_per_epoch
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.world_size() == 1 and distributed.num_processes() == 1
+    assert distributed.process_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for raw, want in (("4", 4), ("junk", 1), ("0", 1)):
+        monkeypatch.setenv("WORLD_SIZE", raw)
+        assert distributed.world_size() == want
+
+    class Pairs:
+        def query_items(self):
+            return list(range(10))
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert steps_per_epoch(Pairs(), 4) == 3 and steps_per_epoch(Pairs(), 4, num_processes=2) == 2

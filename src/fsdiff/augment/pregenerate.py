@@ -31,6 +31,7 @@ import numpy as np
 
 from fsdiff.augment.cache import GenerationCache
 from fsdiff.augment.generate import Generator, resolve_spec
+from fsdiff.distributed import partial_state, world_size
 from fsdiff.episode import MaskAnnotation
 from fsdiff.errors import FsdiffError
 
@@ -89,63 +90,29 @@ def check_shard(shard: Sequence[int]) -> tuple[int, int]:
     return index, count
 
 
-def _partial_state() -> Any:
-    """accelerate's PartialState for this process, on gloo when there is no GPU.
-
-    ``PartialState()`` only picks the multi-CPU (gloo) backend when built with ``cpu=True``: under torchrun
-    (``accelerate launch --multi_gpu --num_processes N`` on a machine without a GPU) it would otherwise report a
-    single process, and every process would do all the work.
-    """
-    import torch
-    from accelerate import PartialState
-
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
-    state = PartialState(cpu=flag or not torch.cuda.is_available())
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if world > 1 and int(state.num_processes) != world:
-        raise FsdiffError(
-            f"WORLD_SIZE={world} but accelerate reports {state.num_processes} process(es); refusing to shard "
-            "(every process would do all the work). Pass --shard I/N explicitly."
-        )
-    return state
-
-
 def resolve_shard(shard: Sequence[int] | str | None = None) -> tuple[int, int]:
     """The (index, count) of this process: explicit, accelerate's PartialState, or (0, 1) for a single process."""
     if shard is not None and not isinstance(shard, str):
         return check_shard(shard)
     if shard not in (None, "accelerate"):
         raise FsdiffError(f"shard must be (index, count), 'accelerate' or None, got {shard!r}.")
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if shard == "accelerate" or world > 1:
-        state = _partial_state()
+    if shard == "accelerate" or world_size() > 1:
+        state = partial_state()
         return int(state.process_index), int(state.num_processes)
     return 0, 1
 
 
 def process_device(shard: Sequence[int] | str | None = None) -> Any:
     """The torch device this process should load the models on under ``accelerate launch`` (None otherwise)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        world = 1
-    if shard == "accelerate" or (shard is None and world > 1):
-        return _partial_state().device
+    if shard == "accelerate" or (shard is None and world_size() > 1):
+        return partial_state().device
     return None
 
 
 def _barrier() -> None:
     """Wait for every process when running under accelerate (no-op otherwise)."""
-    if "accelerate" in sys.modules:
-        state = _partial_state()
-        if state.num_processes > 1:
-            state.wait_for_everyone()
+    if world_size() > 1:
+        partial_state().wait_for_everyone()
 
 
 @dataclass

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from fsdiff.data.base import FewShotSource
+from fsdiff.distributed import num_processes as world_processes
+from fsdiff.distributed import process_device
 from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
 from fsdiff.io import IGNORE
@@ -132,7 +134,7 @@ class DiffSegTrainable:
         self.shots = int(shots)
         if parts is None:
             if config.device is None:
-                config = config.updated(device=str(_process_device()))
+                config = config.updated(device=str(process_device()))
             parts = load_parts(config)
         self.model = DiffSegModel(parts, config, edge_detector=edge_detector)
         self.config = self.model.config
@@ -261,29 +263,10 @@ class DiffSegTrainable:
                 "misses": self.cache.misses}
 
 
-def _process_device() -> torch.device:
-    """This process's device under accelerate (cuda:LOCAL_RANK with ``accelerate launch``), else CUDA/CPU."""
-    try:
-        from accelerate import PartialState
-
-        return PartialState().device
-    except Exception:  # accelerate missing or not initialisable: the single-process default
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _num_processes() -> int:
-    try:
-        from accelerate import PartialState
-
-        return int(PartialState().num_processes)
-    except Exception:
-        return 1
-
-
 def steps_per_epoch(source: FewShotSource, batch_size: int, num_processes: int | None = None) -> int:
     """Optimizer steps of one epoch: ceil(#(image, class) pairs of ``source`` / (batch_size x processes))."""
     n = len(source.query_items())
-    procs = _num_processes() if num_processes is None else int(num_processes)
+    procs = world_processes() if num_processes is None else int(num_processes)
     return max(1, math.ceil(n / (int(batch_size) * max(1, procs))))
 
 
