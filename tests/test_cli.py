@@ -133,6 +133,9 @@ def test_eval_on_a_user_folder(tmp_path, capsys):
     assert 0 <= summary["miou"] <= 100 and 0 <= summary["fbiou"] <= 100
     assert summary["shots"] == 1 and summary["method"] == "prototype"
     assert (out / "per_class.csv").read_text().startswith("class_id,class_name,iou")
+    code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--calibrate-threshold", "5",
+                         "--out", tmp_path / "cal", "--no-progress"], capsys)
+    assert code == 2 and "needs a benchmark with base classes" in err and not (tmp_path / "cal").exists()
 
 
 @pytest.mark.parametrize(
@@ -141,6 +144,7 @@ def test_eval_on_a_user_folder(tmp_path, capsys):
         (["--fold", "7"], "fold=7 is out of range"),
         (["--shots", "500"], "500 support shot(s) were requested"),
         (["--method", "nope"], "unknown method"),
+        (["--calibrate-threshold", "-3"], "--calibrate-threshold -3: give a positive number"),
     ],
 )
 def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):

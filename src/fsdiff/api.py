@@ -213,8 +213,6 @@ def open_source(
         kwargs["splits_dir"] = splits_dir
     if dataset == "folder":
         kwargs.pop("split")
-        if fold == 0:
-            kwargs["fold"] = None
     return build_source(dataset, **kwargs)
 
 
@@ -243,7 +241,7 @@ def with_augmentation(
     return AugmentedSegmenter(segmenter, Augmenter(gen, spec, per_shot=per_shot))
 
 
-def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, progress, support_annotation="mask") -> dict:
+def _calibrate(seg, dataset, root, *, fold, shots, n, ann, splits_dir, convention, support_annotation="mask") -> dict:
     """Choose ``seg.threshold`` on ``n`` HSNet-protocol episodes (seed 1) of the fold's base classes.
 
     The supports are converted to ``support_annotation`` exactly as in the scored episodes.
@@ -252,10 +250,6 @@ def _calibrate(seg, dataset, root, fold, shots, n, ann, splits_dir, convention, 
     from fsdiff.evaluate import choose_threshold
     from fsdiff.synth import convert_supports
 
-    if n < 1:
-        raise FsdiffError(f"--calibrate-threshold {n}: give a positive number of validation episodes.")
-    if dataset == "folder":
-        raise FsdiffError("--calibrate-threshold needs a benchmark with base classes (coco, pascal, fss1000), not a folder.")
     base = open_source(dataset, root, fold=fold, split="trn", ann=ann, splits_dir=splits_dir, convention=convention)
     base.classes = [(c, name) for c, name in base.classes if len(base.images_of_class(c)) > shots]
     specs = sample_episodes(base, "hsnet", n, shots, 1)
@@ -311,6 +305,13 @@ def evaluate_benchmark(
         raise FsdiffError(f"--shots {shots}: the number of support shots must be a positive integer.")
     if protocol not in ("hsnet", "bam"):
         raise FsdiffError(f"--protocol {protocol!r}: use 'hsnet' or 'bam'.")
+    if calibrate_threshold:
+        if isinstance(calibrate_threshold, bool) or int(calibrate_threshold) < 1:
+            raise FsdiffError(f"--calibrate-threshold {calibrate_threshold}: give a positive number of validation "
+                              "episodes (or 0 for no calibration).")
+        if dataset == "folder":
+            raise FsdiffError("--calibrate-threshold needs a benchmark with base classes (coco, pascal, fss1000), "
+                              "not a folder.")
     source = open_source(dataset, root, fold=fold, ann=ann, splits_dir=splits_dir, convention=convention)
     skipped: list[str] = []
     if skip_small_classes:
@@ -323,8 +324,8 @@ def evaluate_benchmark(
     seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder, benchmark=bench)
     calibrated = None
     if calibrate_threshold:
-        calibrated = _calibrate(seg, dataset, root, fold, shots, int(calibrate_threshold), ann, splits_dir, convention,
-                                progress, support_annotation)
+        calibrated = _calibrate(seg, dataset, root, fold=fold, shots=shots, n=int(calibrate_threshold), ann=ann,
+                                splits_dir=splits_dir, convention=convention, support_annotation=support_annotation)
     class_ids = source.class_ids()
     names = {c: source.class_name(c) for c in class_ids}
 
