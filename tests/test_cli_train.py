@@ -68,3 +68,31 @@ def test_train_diffup_config_args(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and word in err and "Traceback" not in err
         assert not (tmp_path / "bad" / "final").exists()
+
+
+@pytest.mark.parametrize("method,extra,flag", [
+    ("diffup", ["--prior", "kandinsky-community/kandinsky-2-2-prior"], "--prior"),
+    ("diffup", ["--decoder", "some/dir"], "--decoder"),
+    ("diffseg", ["--encoder", "efficientnet-lite2"], "--encoder"),
+])
+def test_train_rejects_the_other_methods_options(tmp_path, capsys, method, extra, flag):
+    # the options used to be silently ignored; the check runs before any data or model loads (no dataset here)
+    code = main(["train", method, "--dataset", "folder", "--root", str(tmp_path / "missing"), *extra,
+                 "--no-progress", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    other = "diffseg" if method == "diffup" else "diffup"
+    assert code == 2 and flag in err and f"fsdiff train {other}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_diffup_input_size_option(tmp_path, capsys):
+    _folder(tmp_path / "ds")
+    out = tmp_path / "run"
+    base = ["train", "diffup", "--dataset", "folder", "--root", str(tmp_path / "ds"), "--steps", "1", "--batch-size", "1",
+            "--warmup", "0", "--threads", "1", "--no-progress", "--save-every", "0"]
+    assert main(base + ["--input-size", "64", "--out", str(out)]) == 0, capsys.readouterr().err
+    assert json.loads((out / "final" / "diffup.json").read_text())["config"]["input_size"] == 64
+    code = main(base + ["--input-size", "64", "--config-arg", "input_size=96", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--input-size 64" in err and "input_size=96" in err
+    assert not (tmp_path / "bad").exists()

@@ -132,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("method_name", choices=["diffup", "diffseg"], metavar="METHOD", help="the method to train: diffup or diffseg")
     _add_source_args(p)
     p.add_argument("--all-classes", action="store_true", help="train on every class (no held-out fold), e.g. for a deployment model")
-    p.add_argument("--encoder", default="efficientnet-lite0", help="diffup: frozen encoder (default efficientnet-lite0)")
+    p.add_argument("--encoder", default=None, help="diffup: frozen encoder (default efficientnet-lite0)")
     p.add_argument("--prior", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 prior (default kandinsky-community/kandinsky-2-2-prior)")
     p.add_argument("--decoder", default=None, metavar="ID|DIR", help="diffseg: Kandinsky 2.2 decoder (default kandinsky-community/kandinsky-2-2-decoder)")
-    p.add_argument("--input-size", type=int, default=None, help="diffseg: image size (default 512)")
+    p.add_argument("--input-size", type=int, default=None, help="image size (default: diffup 448, diffseg 512)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: diffup 300; diffseg 200 epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="default: diffup 8, diffseg 4")
     p.add_argument("--lr", type=float, default=None, help="default: diffup 3e-4 (AdamW), diffseg 0.01 (SGD)")
@@ -320,9 +320,38 @@ def _check_fields(method: str, fields: dict, config_cls) -> None:
         )
 
 
+_TRAIN_ONLY = {"diffup": (("encoder", "--encoder"),), "diffseg": (("prior", "--prior"), ("decoder", "--decoder"))}
+"""`fsdiff train` options that only one method uses (each method's own models)."""
+
+
+def _check_train_options(args: argparse.Namespace) -> None:
+    """Raise an FsdiffError for an option of the other trainable method (it would be silently ignored)."""
+    method = args.method_name
+    for other, options in _TRAIN_ONLY.items():
+        if other == method:
+            continue
+        given = [flag for attr, flag in options if getattr(args, attr) is not None]
+        if given:
+            own = ", ".join(flag for _, flag in _TRAIN_ONLY[method])
+            raise FsdiffError(
+                f"{', '.join(given)}: only used by `fsdiff train {other}`; {method} takes its models from {own}. "
+                f"Drop {' and '.join(given)}, or train {other}."
+            )
+
+
+def _merge_option(fields: dict, key: str, value, flag: str) -> dict:
+    """``fields`` with ``key`` set from a dedicated option; a conflicting --config-arg is an error."""
+    if value is None:
+        return fields
+    if key in fields and fields[key] != value:
+        raise FsdiffError(f"{flag} {value} and --config-arg {key}={fields[key]} disagree; give one of them.")
+    return {**fields, key: value}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from fsdiff.api import open_source
 
+    _check_train_options(args)
     fold = None if args.all_classes else args.fold
     source = open_source(args.dataset, args.root, fold=fold, split="trn", ann=args.ann, splits_dir=args.splits, convention=args.split_convention)
     common = dict(seed=args.seed, save_every=args.save_every, progress=not args.no_progress, num_threads=args.threads,
@@ -334,14 +363,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         from fsdiff.methods.diffup.training import cpu_config, train_diffup
 
         _check_fields("diffup", fields, DiffUpConfig)
-        result = train_diffup(source, args.out, config=cpu_config(**fields), encoder=args.encoder, **common, **given)
+        config = cpu_config(**_merge_option(fields, "input_size", args.input_size, "--input-size"))
+        result = train_diffup(source, args.out, config=config, encoder=args.encoder or "efficientnet-lite0", **common, **given)
     else:
         from fsdiff.methods.diffseg.config import DiffSegConfig
         from fsdiff.methods.diffseg.training import train_diffseg
 
-        overrides = {k: v for k, v in (("prior_model", args.prior), ("decoder_model", args.decoder), ("input_size", args.input_size)) if v is not None}
         _check_fields("diffseg", fields, DiffSegConfig)
-        result = train_diffseg(source, args.out, config=DiffSegConfig(**{**overrides, **fields}), **common, **given)
+        for key, value, flag in (("prior_model", args.prior, "--prior"), ("decoder_model", args.decoder, "--decoder"),
+                                 ("input_size", args.input_size, "--input-size")):
+            fields = _merge_option(fields, key, value, flag)
+        result = train_diffseg(source, args.out, config=DiffSegConfig(**fields), **common, **given)
     print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.seconds_per_step:.2f} s/step); weights in {result.final_dir}")
     return 0
 
