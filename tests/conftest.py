@@ -54,3 +54,22 @@ def write_folder_dataset(root: Path, n: int = 4, height: int = 48, width: int = 
         mask[y0:y1, x0:x1] = 255
         Image.fromarray(mask).save(root / "masks" / f"x{i}.png")
     return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment of an `accelerate launch` child: no inherited launcher variables, this checkout's src, no GPU."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_"))}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env

@@ -15,8 +15,6 @@ rank's stdout (its JSON report) is written to its own file with ``--log_dir DIR 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -32,21 +30,15 @@ pytest.importorskip("diffusers", reason="diffusers is not installed (needed by t
 
 import torch.distributed as dist  # noqa: E402
 
+from conftest import free_port, launcher_env  # noqa: E402
 from fsdiff.augment.pregenerate import check_cache, list_cache  # noqa: E402
 
 if not (dist.is_available() and dist.is_gloo_available()):
     pytest.skip("this torch build has no torch.distributed gloo backend (needed for 2 CPU processes)",
                 allow_module_level=True)
 
-REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 3
 PER_SUPPORT = 2
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _folder(root: Path, n: int = N_IMAGES) -> Path:
@@ -64,15 +56,6 @@ def _folder(root: Path, n: int = N_IMAGES) -> Path:
     return root
 
 
-def _child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ACCELERATE_", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def _launch(tmp: Path, tag: str, data: Path, cache: Path, sd: Path, cn: Path) -> list[dict]:
     """One `accelerate launch` of 2 CPU processes; returns the two ranks' JSON reports (rank order)."""
     logs = tmp / f"logs-{tag}"
@@ -80,13 +63,13 @@ def _launch(tmp: Path, tag: str, data: Path, cache: Path, sd: Path, cn: Path) ->
         sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
-        "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
         "--log_dir", str(logs), "--tee", "3",
         "-m", "fsdiff", "augment", "generate", "--dataset", "folder", "--root", str(data),
         "--condition", f"seg:{PER_SUPPORT}", "--cache", str(cache), "--sd-model", str(sd), "--controlnet", str(cn),
         "--steps", "2", "--resolution", "64", "--no-progress",
     ]
-    proc = subprocess.run(cmd, cwd=tmp, env=_child_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=tmp, env=launcher_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     reports = []
     for rank in range(2):

@@ -3,7 +3,8 @@
 ``accelerate launch --multi_gpu --num_processes N`` starts N processes with ``WORLD_SIZE=N``; on a machine
 without a GPU accelerate's ``PartialState()`` only picks the multi-CPU (gloo) backend when built with
 ``cpu=True``, otherwise it reports a single process and every process would do all the work. Everything
-that asks "how many processes, which device" goes through :func:`partial_state` so that rule lives here.
+that asks "how many processes, which device" goes through :func:`partial_state` (and the trainer's
+``Accelerator`` through :func:`use_cpu`) so that rule lives here.
 """
 
 from __future__ import annotations
@@ -24,12 +25,17 @@ def world_size() -> int:
         return 1
 
 
+def use_cpu() -> bool:
+    """Whether accelerate must be told ``cpu=True``: no GPU here, or ``ACCELERATE_USE_CPU`` set by the launcher."""
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
+    return flag or not torch.cuda.is_available()
+
+
 def partial_state() -> Any:
     """accelerate's PartialState for this process, on gloo when there is no GPU (see the module docstring)."""
     from accelerate import PartialState
 
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "on")
-    state = PartialState(cpu=flag or not torch.cuda.is_available())
+    state = PartialState(cpu=use_cpu())
     world = world_size()
     if world > 1 and int(state.num_processes) != world:
         raise FsdiffError(

@@ -300,8 +300,11 @@ def _make_accelerator(mixed_precision: str):
     """A new Accelerator; an earlier one in this process with another precision is reset first."""
     from accelerate import Accelerator
 
+    from fsdiff.distributed import use_cpu
+
+    cpu = use_cpu()  # without it a GPU-less torchrun launch gives N independent single-process runs
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except (ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "already been initialized" in str(exc):
@@ -309,7 +312,7 @@ def _make_accelerator(mixed_precision: str):
                 from accelerate.state import AcceleratorState
 
                 AcceleratorState._reset_state()
-                return Accelerator(mixed_precision=mixed_precision)
+                return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
             except (ValueError, RuntimeError, AttributeError):
                 pass
         raise FsdiffError(
