@@ -332,6 +332,15 @@ def test_training_lowers_the_loss(tiny: Any, parts: Any, tmp_path: Path) -> None
     assert after["loss_prior"] < before["loss_prior"] and after["loss"] < 0.9 * before["loss"], (before, after)
 
 
+def test_train_diffseg_epoch_counts_only_the_trained_classes(tiny: Any, parts: Any, tmp_path: Path) -> None:
+    src = ToySource()  # 6 images: 3 (image, class) pairs per class
+    assert steps_per_epoch(src, 2, num_processes=1) == 3
+    assert steps_per_epoch(src, 2, num_processes=1, classes=[0]) == math.ceil(3 / 2) == 2
+    res = train_diffseg(src, tmp_path, config=_config(tiny, epochs=1, batch_size=2), parts=parts, classes=[0],
+                        edge_detector=sobel_edges, save_every=0, progress=False)
+    assert res.steps == 2  # one epoch of class 0's pairs, not of all six
+
+
 def test_train_diffseg_recipe_in_epochs(tiny: Any, parts: Any, tmp_path: Path) -> None:
     src = ToySource()
     cfg = _config(tiny, lr_step_epochs=2, epochs=3, batch_size=2)

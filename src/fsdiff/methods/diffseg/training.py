@@ -8,7 +8,7 @@ MoVQ.enc(Y_q))`` with α = 2, β = 1 (:meth:`~fsdiff.methods.diffseg.model.DiffS
 Recipe (paper [P], reconstruction [R]; :func:`train_diffseg`): SGD with momentum 0.9 [R], lr 0.01 [P], weight
 decay 1e-4 [R] (on weights with >= 2 dims, the trainer's convention), StepLR x0.9 every 20 epochs [P], 200
 epochs [P], batch 4 per GPU [R], no gradient clipping (none is described). An "epoch" is expressed in optimizer
-steps as ``ceil(#(image, class) pairs of the train split / (batch_size x processes))`` (the pass over the
+steps as ``ceil(#(image, class) pairs of the trained classes / (batch_size x processes))`` (the pass over the
 query list that PFENet / BAM / HSNet-style few-shot training calls an epoch), so with 4 GPUs x batch 4 on
 COCO-20i fold 0 the StepLR step is ``20 x that`` optimizer steps.
 
@@ -263,9 +263,17 @@ class DiffSegTrainable:
                 "misses": self.cache.misses}
 
 
-def steps_per_epoch(source: FewShotSource, batch_size: int, num_processes: int | None = None) -> int:
-    """Optimizer steps of one epoch: ceil(#(image, class) pairs of ``source`` / (batch_size x processes))."""
-    n = len(source.query_items())
+def steps_per_epoch(source: FewShotSource, batch_size: int, num_processes: int | None = None,
+                    classes: Sequence[int] | None = None) -> int:
+    """Optimizer steps of one epoch: ceil(#(image, class) pairs of ``source`` / (batch_size x processes)).
+
+    ``classes``: count only the pairs of these classes (the ones a class-subset run trains on).
+    """
+    items = source.query_items()
+    if classes is not None:
+        keep = {int(c) for c in classes}
+        items = [item for item in items if int(item[1]) in keep]
+    n = len(items)
     procs = world_processes() if num_processes is None else int(num_processes)
     return max(1, math.ceil(n / (int(batch_size) * max(1, procs))))
 
@@ -314,7 +322,7 @@ def train_diffseg(
                                  edge_detector=edge_detector, cache_mb=cache_mb)
     cfg = trainable.config
     batch_size = int(cfg.batch_size if batch_size is None else batch_size)
-    epoch = steps_per_epoch(source, batch_size)
+    epoch = steps_per_epoch(source, batch_size, classes=trainable.classes)
     if steps is None:
         steps = int(cfg.epochs) * epoch
     if step_size is None and schedule == "step":
