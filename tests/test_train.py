@@ -350,3 +350,54 @@ def test_train_class_subset_and_unknown_class():
     assert t.classes == ids[:1]
     with pytest.raises(FsdiffError, match=r"classes \[999\] are not classes of the toy source"):
         DiffUpTrainable(src, DiffUpConfig(**TINY), classes=[999], precompute=False, progress=False)
+
+
+def test_crop_helpers_by_hand():
+    from fsdiff.methods.diffup.training import crop_array, crop_map, crop_window
+
+    a = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    window = (0.0, 0.5, 0.5, 1.0)  # the top-right quarter
+    np.testing.assert_array_equal(crop_array(a, window, nearest=True), np.kron(a[:2, 2:], np.ones((2, 2), np.uint8)))
+    rgb = np.stack([a, a + 1, a + 2])
+    np.testing.assert_array_equal(crop_array(rgb, window, channels_first=True, nearest=True)[1],
+                                  np.kron(a[:2, 2:] + 1, np.ones((2, 2), np.uint8)))
+    x = torch.arange(32, dtype=torch.float32).reshape(2, 4, 4)
+    torch.testing.assert_close(crop_map(x, (0.0, 1.0, 0.0, 1.0)), x)  # the full window is the identity
+    const = torch.full((1, 8, 8), 3.0)
+    const[:, :4, 4:] = 7.0
+    torch.testing.assert_close(crop_map(const, window), torch.full((1, 8, 8), 7.0))
+    levels = [torch.zeros(1, 56, 56), torch.zeros(1, 14, 14)]
+    for seed in range(20):
+        y0, y1, x0, x1 = crop_window(levels, np.random.default_rng(seed), 0.6)
+        for v in (y0, y1, x0, x1):
+            assert abs(v * 14 - round(v * 14)) < 1e-9  # whole cells of the coarsest level
+        assert 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1 and 8 / 14 <= y1 - y0 <= 1 and 8 / 14 <= x1 - x0 <= 1
+
+
+def test_crop_training_episodes_crop_every_query_map_together():
+    """train_crop_prob=1: the GT is the cropped cached label, the priors are BAFT's on the cropped features."""
+    from test_diffup_segmenter import ToySource
+
+    from fsdiff.methods.diffup.baft import config_prior_kwargs, shot_prior, support_regions
+    from fsdiff.methods.diffup.training import crop_array, crop_map
+
+    cfg = DiffUpConfig(**{**TINY, "max_shots": 2, "train_crop_prob": 1.0, "train_crop_min": 0.5})
+    t = DiffUpTrainable(ToySource(n=8), cfg, seed=0, progress=False, flip_prob=0.0)
+    cropped = 0
+    for seed in range(6):
+        e = t.episode(np.random.default_rng(seed))
+        window = e["crop"]
+        assert window is not None
+        cropped += window != (0.0, 1.0, 0.0, 1.0)
+        gt = crop_array(t.gt[(e["query"], e["class_id"])], window, nearest=True)
+        np.testing.assert_array_equal(e["gt"][0].numpy(), gt.astype(np.float32))
+        qf = [crop_map(f.float(), window) for f in t.feats[e["query"]]]
+        for prior, s_, ann in zip(e["priors"], e["supports"], e["annotations"]):
+            fg, bg = support_regions(ann, t.ann[(s_, e["class_id"])].shape)
+            want = shot_prior(qf, [f.float() for f in t.feats[s_]], fg, 8, background=bg, **config_prior_kwargs(cfg))
+            torch.testing.assert_close(prior, want)
+    assert cropped >= 3
+    off = DiffUpTrainable(ToySource(n=8), DiffUpConfig(**TINY), seed=0, progress=False)
+    assert off.episode(np.random.default_rng(0))["crop"] is None
+    with pytest.raises(Exception, match="train_crop_min"):
+        DiffUpConfig(**{**TINY, "train_crop_min": 0.0})

@@ -105,6 +105,8 @@ class DiffUpConfig:
     loss_uapf: float = 0.5
     max_shots: int = 5  # K ~ U{0..max_shots}
     train_pooled_prob: float = 0.0  # K > 1: share of episodes with one pooled prior (as kshot='pooled') instead of K
+    train_crop_prob: float = 0.0  # share of episodes whose query is a random zoom-in crop (features, GT, RGB)
+    train_crop_min: float = 0.6  # smallest crop side, as a fraction of the query's side
     train_shot_types: tuple[str, ...] = ("mask", "box", "scribble")
     text_prob: float = 0.5  # text prior added with this probability, always when K = 0
     scribble_width: int = 5
@@ -187,9 +189,12 @@ class DiffUpConfig:
             bad("adaptive_min_fraction", "need 0 < adaptive_min_fraction <= adaptive_max_fraction <= 1")
         if not 0.0 < self.adaptive_probe_fraction <= 1.0:
             bad("adaptive_probe_fraction", "must lie in (0, 1]")
-        for name in ("self_cond_prob", "prior_start_prob", "text_prob", "threshold", "self_mix", "train_pooled_prob"):
+        for name in ("self_cond_prob", "prior_start_prob", "text_prob", "threshold", "self_mix", "train_pooled_prob",
+                     "train_crop_prob"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 bad(name, "must lie in [0, 1]")
+        if not 0.0 < float(self.train_crop_min) <= 1.0:
+            bad("train_crop_min", "must lie in (0, 1]")
         if self.ddim_eta < 0:
             bad("ddim_eta", "must be >= 0")
         if len(self.uncertainty_weights) != 3 or min(self.uncertainty_weights) < 0 or sum(self.uncertainty_weights) <= 0:

@@ -14,6 +14,9 @@ trainer seeds with (seed, step, process)):
 * a text prior with probability ``text_prob`` (always when K = 0) when a CLIP text model is given.
   Without one, K = 0 is redrawn as K ~ U{1..max_shots}: an episode without any evidence would only
   teach the decoder to guess (the segmenter answers such episodes with UAPF's honest p = 0.5 output);
+* with probability ``config.train_crop_prob`` (default 0) a zoom-in crop of the query, a side of
+  ~U[``train_crop_min``, 1] on whole cells of the coarsest level, every cached map (levels, GT, RGB,
+  CLIP) cropped and resized back (bilinear; nearest for the GT) — scale augmentation on cached features;
 * a horizontal flip of the query with probability ``flip_prob`` (the query's cached feature maps,
   RGB and GT are flipped together; flipping the *feature maps* instead of re-encoding the flipped image
   is an approximation — a CNN is only approximately flip-equivariant — that saves half the encoding and
@@ -89,6 +92,44 @@ def downsample_label(mask: np.ndarray, size: int, keep_class: bool = False) -> n
         y, x = np.unravel_index(int(np.argmax(fg)), fg.shape)
         out[y, x] = 1
     return out
+
+
+def crop_window(levels: Sequence[torch.Tensor], rng: np.random.Generator, min_side: float) -> tuple[float, float, float, float]:
+    """A random square-ish zoom-in window (y0, y1, x0, x1) in [0, 1], on whole cells of the coarsest level.
+
+    The side is ~U[min_side, 1] of the query's side, so every level (an integer multiple of the coarsest
+    grid) crops whole cells and stays aligned with the others.
+    """
+    hc = min(int(f.shape[-2]) for f in levels)
+    wc = min(int(f.shape[-1]) for f in levels)
+    side = float(rng.uniform(min_side, 1.0))
+    ch, cw = max(1, int(round(side * hc))), max(1, int(round(side * wc)))
+    y0, x0 = int(rng.integers(0, hc - ch + 1)), int(rng.integers(0, wc - cw + 1))
+    return y0 / hc, (y0 + ch) / hc, x0 / wc, (x0 + cw) / wc
+
+
+def _span(lo: float, hi: float, n: int) -> slice:
+    a = min(n - 1, int(round(lo * n)))
+    return slice(a, max(a + 1, int(round(hi * n))))
+
+
+def crop_map(x: torch.Tensor, window: tuple[float, float, float, float]) -> torch.Tensor:
+    """A (C, H, W) map cropped to ``window`` and resized back to (H, W) bilinearly."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    part = x[:, _span(window[0], window[1], h), _span(window[2], window[3], w)]
+    return torch.nn.functional.interpolate(part[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+
+
+def crop_array(a: np.ndarray, window: tuple[float, float, float, float], *, channels_first: bool = False,
+               nearest: bool = False) -> np.ndarray:
+    """A (H, W) label (nearest) or (3, H, W) uint8 image cropped to ``window`` and resized back to its size."""
+    h, w = (a.shape[-2], a.shape[-1]) if channels_first else a.shape[:2]
+    part = a[..., _span(window[0], window[1], h), _span(window[2], window[3], w)] if channels_first else \
+        a[_span(window[0], window[1], h), _span(window[2], window[3], w)]
+    if channels_first:
+        part = np.ascontiguousarray(part.transpose(1, 2, 0))
+    out = cv2.resize(np.ascontiguousarray(part), (w, h), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
+    return np.ascontiguousarray(out.transpose(2, 0, 1)) if channels_first else out
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -265,6 +306,12 @@ class DiffUpTrainable:
         if flip:
             qf = [f.flip(-1) for f in qf]
             gt, rgb = gt[:, ::-1], rgb[:, :, ::-1]
+        window = None
+        if cfg.train_crop_prob > 0 and rng.random() < cfg.train_crop_prob:  # no draw at all when off (same episodes)
+            window = crop_window(qf, rng, cfg.train_crop_min)
+            qf = [crop_map(f, window) for f in qf]
+            gt = crop_array(gt, window, nearest=True)
+            rgb = crop_array(rgb, window, channels_first=True)
         shots, annotations = [], []  # (support features, fg region, bg region); the synthesised annotations
         for s, t in zip(supports, types):
             label = self.ann[(s, c)]
@@ -284,13 +331,15 @@ class DiffUpTrainable:
             dense = self.clip[query].to(torch.float32)
             if flip:
                 dense = dense.flip(-1)
+            if window is not None:
+                dense = crop_map(dense, window)
             tp = self.text.prior_from_features(dense, self.class_names[c], size).to(dev)  # type: ignore[union-attr]
             priors.append(replicate_text(tp, cfg.prior_channels))
             type_names.append("text")
         return dict(
             priors=priors, types=type_names, gt=torch.from_numpy(np.ascontiguousarray(gt)).float()[None],
             query_rgb=rgb_tensor(rgb), query_extra=query_extra(qf, size), class_id=c, query=query,
-            supports=supports, flip=flip, pooled=pooled, shot_types=list(types), annotations=annotations,
+            supports=supports, flip=flip, crop=window, pooled=pooled, shot_types=list(types), annotations=annotations,
         )
 
     def make_batch(self, step: int, rng: np.random.Generator, batch_size: int) -> dict[str, torch.Tensor]:
