@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,21 +34,10 @@ from fsdiff.augment.pregenerate import (
 from fsdiff.data.folder import FolderSource
 from fsdiff.errors import FsdiffError
 
+from test_augment_augmenter import FakePipeline  # noqa: E402  (the strict fake of the pipeline's call)
+
 REPO = Path(__file__).resolve().parents[1]
 CFG = GenerationConfig(steps=2, control=ControlConfig(resolution=64))
-
-
-class FakePipeline:
-    """Seeded noise blended with the control map; counts calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, *, image, generator, height, width, **kw):
-        self.calls += 1
-        ctrl = image[0].permute(1, 2, 0).numpy()
-        return SimpleNamespace(images=np.stack(
-            [0.5 * torch.rand((height, width, 3), generator=g).numpy() + 0.5 * ctrl for g in generator]))
 
 
 def make_folder(root: Path, classes=("cat", "dog"), per_class: int = 3) -> Path:
