@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE", help="extra segmenter argument")
     ap.add_argument("--checkpoint", default=None, help="checkpoint path, '{fold}' is replaced by the fold")
     ap.add_argument("--support-annotations", nargs="+", default=["mask"], choices=["mask", "box", "scribble"])
+    ap.add_argument("--split", choices=["trn"], default=None,
+                    help="score each fold's base classes instead of its test classes (validation for settings)")
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
@@ -68,7 +70,7 @@ def main() -> int:
                     t0 = time.perf_counter()
                     summary, _ = evaluate_benchmark(
                         "coco", args.data, fold=fold, shots=shots, episodes=args.episodes, segmenter=seg,
-                        skip_small_classes=True, support_annotation=kind, progress=False,
+                        skip_small_classes=True, support_annotation=kind, split=args.split, progress=False,
                         out=Path(args.out) / f"{enc}-{kind}-{shots}shot-fold{fold}",
                     )
                     row = {

@@ -136,6 +136,9 @@ def test_eval_on_a_user_folder(tmp_path, capsys):
     code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--calibrate-threshold", "5",
                          "--out", tmp_path / "cal", "--no-progress"], capsys)
     assert code == 2 and "needs a benchmark with base classes" in err and not (tmp_path / "cal").exists()
+    code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--split", "trn",
+                         "--out", tmp_path / "split", "--no-progress"], capsys)
+    assert code == 2 and "--split trn: a folder dataset has no splits" in err and not (tmp_path / "split").exists()
 
 
 @pytest.mark.parametrize(
@@ -145,6 +148,7 @@ def test_eval_on_a_user_folder(tmp_path, capsys):
         (["--shots", "500"], "500 support shot(s) were requested"),
         (["--method", "nope"], "unknown method"),
         (["--calibrate-threshold", "-3"], "--calibrate-threshold -3: give a positive number"),
+        (["--calibrate-threshold", "4", "--split", "trn"], "cannot score them too"),
     ],
 )
 def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):

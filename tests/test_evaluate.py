@@ -319,3 +319,29 @@ def test_calibration_sees_the_same_support_kind(shared_data):
                                     calibrate_threshold=2, support_annotation="box", progress=False)
     assert summary["threshold_calibrated_on"]["support_annotation"] == "box" and summary["support_annotation"] == "box"
     assert len(Recorder.kinds) >= 5 and set(Recorder.kinds) == {("box",)}
+
+
+def test_split_trn_scores_the_base_classes(shared_data, tmp_path):
+    """split='trn' samples the fold's base classes (disjoint from its test classes) and records the split."""
+    from fsdiff.api import evaluate_benchmark, open_source
+
+    class Recorder:
+        name = "recorder"
+        threshold = 0.5
+        seen: list = []
+
+        def predict(self, episode):
+            Recorder.seen.append(episode.class_id)
+            return [np.where(q.gt == 1, 0.9, 0.1).astype(np.float32) for q in episode.queries]
+
+    root = shared_data / "coco-mini"
+    summary, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=6, segmenter=Recorder(), split="trn",
+                                    out=tmp_path / "r", progress=False)
+    base = set(open_source("coco", root, fold=0, split="trn").class_ids())
+    novel = set(open_source("coco", root, fold=0).class_ids())
+    assert len(Recorder.seen) == 6 and set(Recorder.seen) <= base and not base & novel
+    # the recorder is exact on the classes it saw; HSNet-style mIoU averages over all of the fold's classes
+    assert summary["split"] == "trn" and summary["miou"] == pytest.approx(100.0 * len(set(Recorder.seen)) / len(base))
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "trn"
+    default, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=2, segmenter=Recorder(), progress=False)
+    assert default["split"] == "val" and set(Recorder.seen[6:]) <= novel

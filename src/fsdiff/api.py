@@ -280,6 +280,7 @@ def evaluate_benchmark(
     skip_small_classes: bool = False,
     calibrate_threshold: int = 0,
     support_annotation: str = "mask",
+    split: str | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
     segmenter=None,
@@ -291,6 +292,9 @@ def evaluate_benchmark(
     of the fold's *base* (training) classes, so the novel test classes are never used to tune it.
     ``support_annotation`` = box or scribble replaces every support mask by a box / scribble synthesised
     from it (:func:`fsdiff.synth.convert_supports`; the same for every method).
+    ``split``: whose images and classes (default: the benchmark's test split and the fold's novel classes);
+    ``"trn"`` scores the fold's *base* classes instead, a validation set for choosing a training-free
+    method's settings without looking at the test classes (a method trained on the fold has seen them).
     """
     from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
     from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
@@ -312,7 +316,12 @@ def evaluate_benchmark(
         if dataset == "folder":
             raise FsdiffError("--calibrate-threshold needs a benchmark with base classes (coco, pascal, fss1000), "
                               "not a folder.")
-    source = open_source(dataset, root, fold=fold, ann=ann, splits_dir=splits_dir, convention=convention)
+        if split == "trn":
+            raise FsdiffError("--calibrate-threshold tunes on the base (trn) classes, so it cannot score them too; "
+                              "drop --calibrate-threshold or --split trn.")
+    if split is not None and dataset == "folder":
+        raise FsdiffError(f"--split {split}: a folder dataset has no splits; drop --split.")
+    source = open_source(dataset, root, fold=fold, split=split, ann=ann, splits_dir=splits_dir, convention=convention)
     skipped: list[str] = []
     if skip_small_classes:
         keep = [(c, n) for c, n in source.classes if len(source.images_of_class(c)) > shots]
@@ -370,6 +379,7 @@ def evaluate_benchmark(
         "convention": convention if dataset == "coco" else None,
         "classes_skipped": skipped,
         "support_annotation": support_annotation,
+        "split": split if split is not None else ("test" if dataset == "fss1000" else "val"),
         "threshold_calibrated_on": calibrated,
     }
     if out is not None:

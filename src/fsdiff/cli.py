@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", default="original", help="score at the 'original' label size or a fixed size such as 400 (HSNet)")
     p.add_argument("--episode-list", default=None, metavar="FILE", help="score on the episodes in this file instead of sampling")
     p.add_argument("--save-episodes", default=None, metavar="FILE", help="write the sampled episodes to this file")
+    p.add_argument("--split", choices=["trn"], default=None,
+                   help="score the fold's base (training) classes instead of its test classes, e.g. to choose a "
+                        "training-free method's settings without touching the test classes")
     p.add_argument("--support-annotation", choices=["mask", "box", "scribble"], default="mask",
                    help="turn every support mask into this annotation first (weak-label benchmarks; default mask)")
     p.add_argument("--calibrate-threshold", type=int, default=0, metavar="N", help="choose the decision threshold on N episodes of the fold's base classes first")
@@ -231,6 +234,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         skip_small_classes=args.skip_small_classes,
         calibrate_threshold=args.calibrate_threshold,
         support_annotation=args.support_annotation,
+        split=args.split,
         out=args.out,
         progress=not args.no_progress,
         segmenter=seg,
