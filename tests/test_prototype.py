@@ -196,5 +196,11 @@ def test_self_support_matches_the_baft_self_map():
     np.testing.assert_allclose(got, exp.clamp(0, 1).numpy(), atol=1e-4)
     assert _iou(got, query.gt) >= _iou(plain.predict(ep)[0], query.gt) - 0.05  # still finds the red disc
     assert PrototypeSegmenter(enc, size=SIZE).self_support is False  # the plain baseline by default
-    with pytest.raises(FsdiffError, match="self_support must be true or false, got 'maybe'"):
+    with pytest.raises(FsdiffError, match="self_support must be true, false or 'auto'.*got 'maybe'"):
         PrototypeSegmenter(enc, size=SIZE, self_support="maybe")
+    # 'auto': the refinement for one support shot, the plain output for two
+    auto = PrototypeSegmenter(enc, size=SIZE, self_support="auto", cache=seg.cache)
+    np.testing.assert_array_equal(auto.predict(ep)[0], got)
+    two = _episode("mask", "box", queries=1)
+    np.testing.assert_array_equal(auto.predict(two)[0], plain.predict(two)[0])
+    assert not np.allclose(seg.predict(two)[0], plain.predict(two)[0], atol=1e-3)

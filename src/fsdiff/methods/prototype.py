@@ -84,7 +84,7 @@ class PrototypeSegmenter:
         temperature: float = TEMPERATURE,
         proto_weight: float = PROTO_WEIGHT,
         pixel_threshold: float = PIXEL_THRESHOLD,
-        self_support: bool = False,
+        self_support: bool | str = False,
         device: str | torch.device = "cpu",
         precision: str | None = "auto",
         cache: FeatureCache | None = None,
@@ -92,8 +92,9 @@ class PrototypeSegmenter:
         """Build the encoder (by name, or use the given one) and an own feature cache unless one is passed.
 
         ``self_support=True`` refines the output once with :func:`fsdiff.priors.self_support_map` per level
-        (query prototypes from the confident cells of the first output; SSP, ECCV 2022); off by default, so
-        ``prototype`` stays the plain training-free baseline of the benchmarks.
+        (query prototypes from the confident cells of the first output; SSP, ECCV 2022); ``"auto"`` does so
+        for one support shot only (where it helped on both base and novel classes, docs/BENCHMARKS.md); off
+        by default, so ``prototype`` stays the plain training-free baseline of the benchmarks.
 
         ``precision`` applies to an encoder built by name: "auto" = bfloat16 autocast where the device runs
         it natively (same horse mIoU as fp32 to 0.001, ~2x faster encoding on an AVX512-BF16 CPU), else fp32.
@@ -124,9 +125,12 @@ class PrototypeSegmenter:
         self.temperature = float(temperature)
         self.proto_weight = float(proto_weight)
         self.pixel_threshold = float(pixel_threshold)
-        if not isinstance(self_support, (bool, np.bool_)):
-            raise FsdiffError(f"self_support must be true or false, got {self_support!r}.")
-        self.self_support = bool(self_support)
+        if isinstance(self_support, (bool, np.bool_)):
+            self.self_support: bool | str = bool(self_support)
+        elif self_support == "auto":
+            self.self_support = "auto"
+        else:
+            raise FsdiffError(f"self_support must be true, false or 'auto' (one support shot only), got {self_support!r}.")
         self.cache = cache if cache is not None else FeatureCache()
 
     @staticmethod
@@ -196,7 +200,7 @@ class PrototypeSegmenter:
                               self._class_parts(qf[lv], support[lv]["bg_proto"], support[lv]["bg_cells"]))
                          for lv in self.levels}
                 prob = self._mean_over_levels({lv: self._level_prob(qf[lv], *parts[lv]) for lv in self.levels}, fine)
-                if self.self_support:  # second pass, reusing the support's parts
+                if self.self_support is True or (self.self_support == "auto" and len(shots) == 1):  # second pass
                     refined = {}
                     for lv, (fg, bg) in parts.items():
                         grid = tuple(qf[lv].shape[-2:])
