@@ -302,46 +302,47 @@ def test_calibrated_threshold_uses_base_classes_only(shared_data, tmp_path):
     assert not set(calibration) & novel, f"calibration used test classes {set(calibration) & novel}"
 
 
+class Recorder:
+    """An exact segmenter (0.9 on the object, 0.1 elsewhere) that records each episode's class and support kinds."""
+
+    name = "recorder"
+    threshold = 0.5
+
+    def __init__(self) -> None:
+        self.classes: list[int] = []
+        self.kinds: list[tuple[str, ...]] = []
+
+    def predict(self, episode):
+        self.classes.append(episode.class_id)
+        self.kinds.append(tuple(s.annotation.kind for s in episode.shots))
+        return [np.where(q.gt == 1, 0.9, 0.1).astype(np.float32) for q in episode.queries]
+
+
 def test_calibration_sees_the_same_support_kind(shared_data):
     """With --support-annotation box, the base-class calibration episodes get boxes too."""
     from fsdiff.api import evaluate_benchmark
 
-    class Recorder:
-        name = "recorder"
-        threshold = 0.5
-        kinds: list = []
-
-        def predict(self, episode):
-            Recorder.kinds.append(tuple(s.annotation.kind for s in episode.shots))
-            return [np.where(q.gt == 1, 0.9, 0.1).astype(np.float32) for q in episode.queries]
-
-    summary, _ = evaluate_benchmark("coco", shared_data / "coco-mini", fold=0, shots=1, episodes=3, segmenter=Recorder(),
+    rec = Recorder()
+    summary, _ = evaluate_benchmark("coco", shared_data / "coco-mini", fold=0, shots=1, episodes=3, segmenter=rec,
                                     calibrate_threshold=2, support_annotation="box", progress=False)
     assert summary["threshold_calibrated_on"]["support_annotation"] == "box" and summary["support_annotation"] == "box"
-    assert len(Recorder.kinds) >= 5 and set(Recorder.kinds) == {("box",)}
+    assert len(rec.kinds) >= 5 and set(rec.kinds) == {("box",)}
 
 
 def test_split_trn_scores_the_base_classes(shared_data, tmp_path):
     """split='trn' samples the fold's base classes (disjoint from its test classes) and records the split."""
     from fsdiff.api import evaluate_benchmark, open_source
 
-    class Recorder:
-        name = "recorder"
-        threshold = 0.5
-        seen: list = []
-
-        def predict(self, episode):
-            Recorder.seen.append(episode.class_id)
-            return [np.where(q.gt == 1, 0.9, 0.1).astype(np.float32) for q in episode.queries]
-
     root = shared_data / "coco-mini"
-    summary, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=6, segmenter=Recorder(), split="trn",
+    rec = Recorder()
+    summary, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=6, segmenter=rec, split="trn",
                                     out=tmp_path / "r", progress=False)
     base = set(open_source("coco", root, fold=0, split="trn").class_ids())
     novel = set(open_source("coco", root, fold=0).class_ids())
-    assert len(Recorder.seen) == 6 and set(Recorder.seen) <= base and not base & novel
+    assert len(rec.classes) == 6 and set(rec.classes) <= base and not base & novel
     # the recorder is exact on the classes it saw; HSNet-style mIoU averages over all of the fold's classes
-    assert summary["split"] == "trn" and summary["miou"] == pytest.approx(100.0 * len(set(Recorder.seen)) / len(base))
+    assert summary["split"] == "trn" and summary["miou"] == pytest.approx(100.0 * len(set(rec.classes)) / len(base))
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["split"] == "trn"
-    default, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=2, segmenter=Recorder(), progress=False)
-    assert default["split"] == "val" and set(Recorder.seen[6:]) <= novel
+    rec = Recorder()
+    default, _ = evaluate_benchmark("coco", root, fold=0, shots=1, episodes=2, segmenter=rec, progress=False)
+    assert default["split"] == "val" and set(rec.classes) <= novel

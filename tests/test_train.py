@@ -359,7 +359,7 @@ def test_crop_helpers_by_hand():
     window = (0.0, 0.5, 0.5, 1.0)  # the top-right quarter
     np.testing.assert_array_equal(crop_array(a, window, nearest=True), np.kron(a[:2, 2:], np.ones((2, 2), np.uint8)))
     rgb = np.stack([a, a + 1, a + 2])
-    np.testing.assert_array_equal(crop_array(rgb, window, channels_first=True, nearest=True)[1],
+    np.testing.assert_array_equal(crop_array(rgb, window, nearest=True)[1],
                                   np.kron(a[:2, 2:] + 1, np.ones((2, 2), np.uint8)))
     x = torch.arange(32, dtype=torch.float32).reshape(2, 4, 4)
     torch.testing.assert_close(crop_map(x, (0.0, 1.0, 0.0, 1.0)), x)  # the full window is the identity

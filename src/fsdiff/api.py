@@ -187,6 +187,11 @@ def _episode_runs(specs: list, protocol: str, seeds: list[int]) -> list[tuple[in
     return list(zip(seeds, runs.values()))
 
 
+def test_split(dataset: str) -> str:
+    """The split a benchmark scores by default: FSS-1000's ``test``, every other benchmark's ``val``."""
+    return "test" if dataset == "fss1000" else "val"
+
+
 def open_source(
     dataset: str,
     root: str | os.PathLike,
@@ -201,7 +206,7 @@ def open_source(
     from fsdiff.data import build_source
 
     if split is None:
-        split = "test" if dataset == "fss1000" else "val"
+        split = test_split(dataset)
     kwargs: dict = {"root": root, "fold": fold, "split": split}
     if dataset == "coco":
         kwargs["convention"] = convention
@@ -379,7 +384,7 @@ def evaluate_benchmark(
         "convention": convention if dataset == "coco" else None,
         "classes_skipped": skipped,
         "support_annotation": support_annotation,
-        "split": split if split is not None else ("test" if dataset == "fss1000" else "val"),
+        "split": split if split is not None else test_split(dataset),
         "threshold_calibrated_on": calibrated,
     }
     if out is not None:

@@ -120,16 +120,14 @@ def crop_map(x: torch.Tensor, window: tuple[float, float, float, float]) -> torc
     return torch.nn.functional.interpolate(part[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
 
 
-def crop_array(a: np.ndarray, window: tuple[float, float, float, float], *, channels_first: bool = False,
-               nearest: bool = False) -> np.ndarray:
-    """A (H, W) label (nearest) or (3, H, W) uint8 image cropped to ``window`` and resized back to its size."""
-    h, w = (a.shape[-2], a.shape[-1]) if channels_first else a.shape[:2]
-    part = a[..., _span(window[0], window[1], h), _span(window[2], window[3], w)] if channels_first else \
-        a[_span(window[0], window[1], h), _span(window[2], window[3], w)]
-    if channels_first:
-        part = np.ascontiguousarray(part.transpose(1, 2, 0))
-    out = cv2.resize(np.ascontiguousarray(part), (w, h), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
-    return np.ascontiguousarray(out.transpose(2, 0, 1)) if channels_first else out
+def crop_array(a: np.ndarray, window: tuple[float, float, float, float], *, nearest: bool = False) -> np.ndarray:
+    """An (H, W) or (C, H, W) array cropped to ``window`` on its last two axes and resized back (linear or nearest)."""
+    h, w = a.shape[-2:]
+    part = a[..., _span(window[0], window[1], h), _span(window[2], window[3], w)]
+    interp = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    if a.ndim == 2:
+        return cv2.resize(np.ascontiguousarray(part), (w, h), interpolation=interp)
+    return np.stack([cv2.resize(np.ascontiguousarray(p), (w, h), interpolation=interp) for p in part])
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -311,7 +309,7 @@ class DiffUpTrainable:
             window = crop_window(qf, rng, cfg.train_crop_min)
             qf = [crop_map(f, window) for f in qf]
             gt = crop_array(gt, window, nearest=True)
-            rgb = crop_array(rgb, window, channels_first=True)
+            rgb = crop_array(rgb, window)
         shots, annotations = [], []  # (support features, fg region, bg region); the synthesised annotations
         for s, t in zip(supports, types):
             label = self.ann[(s, c)]
