@@ -48,7 +48,7 @@ def _open(path: str | os.PathLike, what: str) -> Image.Image:
     return img
 
 
-def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+def sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale a 16-bit (or 32-bit integer) array to 0..255."""
     arr = arr.astype(np.float64)
     top = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -59,7 +59,7 @@ def image_to_rgb_array(img: Image.Image) -> np.ndarray:
     """Convert a decoded PIL image (any mode, EXIF-rotated first) to an RGB uint8 array."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        gray = _sixteen_bit_to_uint8(np.asarray(img))
+        gray = sixteen_bit_to_uint8(np.asarray(img))
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -134,7 +134,13 @@ def read_mask(
     path: str | os.PathLike, *, class_value: int | tuple[int, int, int] | None = None
 ) -> np.ndarray:
     """Read a mask file as a {0, 1, 255} uint8 array for one class (see :func:`mask_from_array`)."""
-    img = _open(path, "mask")
+    return mask_from_pil(_open(path, "mask"), class_value=class_value, source=f"mask {path}")
+
+
+def mask_from_pil(
+    img: Image.Image, *, class_value: int | tuple[int, int, int] | None = None, source: str = "mask"
+) -> np.ndarray:
+    """A decoded PIL mask image as a {0, 1, 255} uint8 array for one class (see :func:`mask_from_array`)."""
     palette = img.mode == "P"
     if img.mode == "1":
         arr = np.asarray(img.convert("L")) // 255
@@ -146,7 +152,7 @@ def read_mask(
         arr = np.asarray(img).astype(np.int64)
     else:
         arr = np.asarray(img.convert("L"))
-    return mask_from_array(arr, class_value=class_value, source=f"mask {path}", palette=palette)
+    return mask_from_array(arr, class_value=class_value, source=source, palette=palette)
 
 
 def read_label(path: str | os.PathLike) -> np.ndarray:
