@@ -134,20 +134,21 @@ def load_manifest(examples_dir: str | os.PathLike = EXAMPLES_DIR) -> DemoManifes
 def click_points(mask: np.ndarray) -> list[tuple[float, float, int]]:
     """Two positive clicks (x, y, 1) on the mask's class pixels by a fixed rule.
 
-    The first is the pixel farthest from the mask's border (L2 distance transform); the second maximises
-    (its own distance to the border) x (its distance to the first click): well inside the object and far
-    from the first. Ties go to the first pixel in row-major order.
+    The first is the pixel farthest from the mask's border (exact Euclidean distance to the nearest
+    non-class pixel, the image edge counting as one). The second is, among the pixels at least half as
+    far from the border as the first, the one farthest from the first: well inside the object (not on a
+    fin tip) and at its other end. Ties go to the first pixel in row-major order.
     """
     fg = (np.asarray(mask) == 1).astype(np.uint8)
     if not fg.any():
         raise FsdiffError("cannot place clicks on an empty mask.")
-    dist = cv2.distanceTransform(np.pad(fg, 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    dist = cv2.distanceTransform(np.pad(fg, 1), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
     y1, x1 = np.unravel_index(int(np.argmax(dist)), dist.shape)
     ys, xs = np.mgrid[: fg.shape[0], : fg.shape[1]]
-    score = dist * np.hypot(ys - y1, xs - x1)
-    y2, x2 = np.unravel_index(int(np.argmax(score)), score.shape)
+    far = np.where(dist >= dist[y1, x1] / 2, np.hypot(ys - y1, xs - x1), -1.0)
+    y2, x2 = np.unravel_index(int(np.argmax(far)), far.shape)
     clicks = [(float(x1), float(y1), 1)]
-    if score[y2, x2] > 0:
+    if far[y2, x2] > 0:
         clicks.append((float(x2), float(y2), 1))
     return clicks
 
