@@ -78,6 +78,9 @@ def test_bad_manifest_is_refused_with_the_file_named(tmp_path):
     (tmp_path / "fish13.jpg").unlink()
     with pytest.raises(FsdiffError, match="fish13.jpg"):
         load_manifest(tmp_path)
+    (tmp_path / "examples.json").write_text('{"photos": []}')
+    with pytest.raises(FsdiffError, match="not a demo manifest"):
+        load_manifest(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -158,17 +161,18 @@ def test_demo_json_has_one_record_per_case(demo_run, manifest):
 
 def test_ious_match_a_recomputation_from_the_written_masks(demo_run, manifest):
     out, records = demo_run
-    for rec in json.loads((out / "demo.json").read_text())["cases"]:
+    cases = json.loads((out / "demo.json").read_text())["cases"]
+    for rec, returned in zip(cases, records):
         pred = np.asarray(Image.open(out / rec["files"]["mask"])) == 255
         ref = np.asarray(Image.open(manifest.photos[rec["query"]][1])) == 255
         expected = 100.0 * np.count_nonzero(pred & ref) / np.count_nonzero(pred | ref)
         assert rec["iou"] == pytest.approx(expected, abs=0.006)
-    assert [r.iou for r in records] == pytest.approx([c["iou"] for c in json.loads((out / "demo.json").read_text())["cases"]], abs=0.006)
+        assert returned.iou == pytest.approx(expected, abs=1e-9)
 
 
 def test_prototype_finds_the_fish_in_every_case(demo_run):
     _, records = demo_run
-    # measured 43.6 (points) to 85.5 (mask); a swapped click axis or a misplaced box falls far below 35
+    # measured 43.6 (points) to 85.5 (mask) on the development machine; the floor catches a broken case
     assert all(r.iou > 35.0 for r in records), [(r.name, round(r.iou, 1)) for r in records]
 
 

@@ -115,17 +115,22 @@ def load_manifest(examples_dir: str | os.PathLike = EXAMPLES_DIR) -> DemoManifes
     root = Path(examples_dir)
     source = root / "examples.json"
     if not source.is_file():
-        raise FsdiffError(f"demo manifest not found: {source}; reinstall fsdiff or pass the examples folder.")
-    raw = json.loads(source.read_text(encoding="utf-8"))
-    photos = {k: (root / v["image"], root / v["mask"]) for k, v in raw["photos"].items()}
+        raise FsdiffError(f"demo manifest not found: {source}; reinstall fsdiff or pass examples_dir=FOLDER.")
+    try:
+        raw = json.loads(source.read_text(encoding="utf-8"))
+        photos = {k: (root / v["image"], root / v["mask"]) for k, v in raw["photos"].items()}
+        raw_cases, class_name = list(raw["cases"]), str(raw["class_name"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise FsdiffError(f"{source}: not a demo manifest ({type(exc).__name__}: {exc}); it needs 'class_name', "
+                          "'photos' {name: {image, mask}} and 'cases'.") from None
     missing = [str(p) for pair in photos.values() for p in pair if not p.is_file()]
     if missing:
         raise FsdiffError(f"{source}: listed files are missing: {', '.join(missing)}; reinstall fsdiff.")
-    cases = tuple(_parse_case(c, photos, source) for c in raw["cases"])
+    cases = tuple(_parse_case(c, photos, source) for c in raw_cases)
     names = [c.name for c in cases]
     if len(set(names)) != len(names):
         raise FsdiffError(f"{source}: case names must be unique, got {names}.")
-    return DemoManifest(str(raw["class_name"]), photos, cases)
+    return DemoManifest(class_name, photos, cases)
 
 
 # ----------------------------------------------------------------------------------------------------
