@@ -109,8 +109,16 @@ def test_demo_writes_overlays(tmp_path, capsys):
     code, stdout, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
     assert code == 0, err
     overlays = sorted((tmp_path / "demo").rglob("*_overlay.jpg"))
-    assert len(overlays) == 2
-    assert "IoU" in stdout
+    assert len(overlays) == 5
+    assert (tmp_path / "demo" / "demo.json").is_file() and (tmp_path / "demo" / "contact_sheet.png").is_file()
+    assert "IoU" in stdout and "fish-from-box" in stdout and "mean" in stdout
+    # a second run replaces its own files; a file fsdiff did not write is refused before any work
+    assert _run(["demo", "--out", tmp_path / "demo"], capsys)[0] == 0
+    (tmp_path / "demo" / "contact_sheet.png").unlink()
+    (tmp_path / "demo" / "contact_sheet.png").write_text("mine")
+    code, _, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
+    assert code == 2 and "fsdiff did not write" in err
+    assert (tmp_path / "demo" / "contact_sheet.png").read_text() == "mine"
 
 
 def _user_folder(root):
