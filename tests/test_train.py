@@ -401,3 +401,43 @@ def test_crop_training_episodes_crop_every_query_map_together():
     assert off.episode(np.random.default_rng(0))["crop"] is None
     with pytest.raises(Exception, match="train_crop_min"):
         DiffUpConfig(**{**TINY, "train_crop_min": 0.0})
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    kw = dict(steps=6, batch_size=4, lr=1e-2, warmup=2, save_every=2, progress=False, log_every=1)
+    straight = LinTrainable()
+    train(straight, tmp_path / "a", **kw)
+    with pytest.raises(Crash):
+        train(crash_at(LinTrainable(), 5), tmp_path / "b", **kw)  # checkpoints 2 and 4 written
+    (tmp_path / "b" / "checkpoint-4" / "trainer_state.safetensors").write_bytes(b"\x00garbage")
+    resumed = LinTrainable()
+    res = train(resumed, tmp_path / "b", **kw)
+    err = capsys.readouterr().err
+    assert res.start_step == 2 and "checkpoint-4 is damaged" in err and "resuming from step 2" in err
+    a, b = _params(straight.model), _params(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same weights as an uninterrupted run
+
+
+@pytest.mark.parametrize("damage", ["json", "weights"])
+def test_no_intact_checkpoint_is_a_clear_error(tmp_path, damage):
+    kw = dict(steps=4, batch_size=2, save_every=2, progress=False)
+    with pytest.raises(Crash):
+        train(crash_at(LinTrainable(), 3), tmp_path, **kw)
+    ckpt = tmp_path / "checkpoint-2"
+    if damage == "json":
+        (ckpt / "trainer_state.json").write_text("{broken")
+    else:
+        (ckpt / "lin" / "diffusion_pytorch_model.safetensors").write_bytes(b"nope")
+    with pytest.raises(FsdiffError, match="no intact checkpoint to resume from.*checkpoint-2 is damaged.*resume=False"):
+        train(LinTrainable(), tmp_path, **kw)
+
+
+def test_resume_with_another_model_configuration_is_refused(tmp_path):
+    from test_diffup_segmenter import ToySource
+
+    src = ToySource()
+    kw = dict(steps=2, batch_size=1, save_every=1, progress=False)
+    with pytest.raises(Crash):
+        train(crash_at(DiffUpTrainable(src, DiffUpConfig(**TINY)), 1), tmp_path, **kw)
+    with pytest.raises(FsdiffError, match="trained with input_size=64 \\(now 96\\)"):
+        train(DiffUpTrainable(src, DiffUpConfig(**{**TINY, "input_size": 96})), tmp_path, **kw)

@@ -230,6 +230,10 @@ class DiffSegTrainable:
         """Eq. (10) (``loss``, ``loss_prior``, ``loss_latent``); DiffSeg draws nothing at random (fixed noise)."""
         return self.model.loss(batch)
 
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The model configuration a resumed run must match (the trainer compares it)."""
+        return self.model.config.checkpoint_dict()
+
     def provenance(self) -> dict[str, Any]:
         """What the checkpoint records about the training data and setup."""
         parts = self.model.parts

@@ -371,6 +371,10 @@ class DiffUpTrainable:
         out.pop("t", None)
         return out
 
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The model configuration a resumed run must match (the trainer compares it)."""
+        return {**self.config.to_dict(), "encoder": self.encoder.name}
+
     def provenance(self) -> dict[str, Any]:
         """What the checkpoint records about the training data and setup."""
         return {
