@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -357,7 +356,3 @@ class HEDDetector:
         """One RGB uint8 image (H, W, 3) -> uint8 edge map (H, W) in [0, 255]."""
         prob = self.probabilities(self._to_tensor(image))
         return self.quantize(prob)[0, 0].cpu().numpy()
-
-    def detect_batch(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Several RGB uint8 images (any sizes) -> their uint8 edge maps."""
-        return [self.detect(img) for img in images]

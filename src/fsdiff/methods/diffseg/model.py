@@ -224,13 +224,6 @@ class DiffSegModel(nn.Module):
         """Latent grid (h, w) of an image of size (H, W)."""
         return (int(image_size[0]) // self.scale, int(image_size[1]) // self.scale)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """PAM and SCM parameters (the only ones to optimise)."""
-        params = list(self.pam.parameters())
-        if self.scm is not None:
-            params += list(self.scm.parameters())
-        return params
-
     def _check_trainable(self, pam: PerceptualAttentionModule, scm: SpatialControlModule | None) -> None:
         if int(pam.config.latent_channels) != self.latent_channels:
             raise FsdiffError(

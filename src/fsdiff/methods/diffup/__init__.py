@@ -1,7 +1,7 @@
 """DiffUp (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182; METHODS.md §4): the model core.
 
 BAFT priors and frozen encoders live elsewhere; this package holds the configuration, UAPF (Sec. III-C2),
-UQDD with SCM and DQM (Sec. III-C3), the diffusion schedule and the seeded annotation synthesis. All
+UQDD with SCM and DQM (Sec. III-C3) and the diffusion schedule (annotation synthesis: fsdiff.synth). All
 internals are METHODS.md §4.2 reconstructions [R].
 """
 
@@ -13,15 +13,6 @@ from fsdiff.methods.diffup.schedule import (
     prior_start,
     q_sample,
     timestep_sequence,
-)
-from fsdiff.synth import (
-    EpisodeLayout,
-    episode_rng,
-    sample_episode_layout,
-    synthesize_annotation,
-    synthesize_box,
-    synthesize_scribble,
-    zhang_suen_skeleton,
 )
 from fsdiff.methods.diffup.uapf import UAPF, UAPFOutput, fuse_precision, heteroscedastic_loss
 from fsdiff.methods.diffup.uqdd import (
@@ -37,19 +28,12 @@ __all__ = [
     "ANNOTATION_TYPES",
     "DEFAULT_START_FRACTIONS",
     "DiffUpConfig",
-    "EpisodeLayout",
     "cosine_alpha_bar",
     "ddim_step",
-    "episode_rng",
     "make_generator",
     "prior_start",
     "q_sample",
-    "sample_episode_layout",
-    "synthesize_annotation",
-    "synthesize_box",
-    "synthesize_scribble",
     "timestep_sequence",
-    "zhang_suen_skeleton",
     "UAPF",
     "UAPFOutput",
     "UQDD",
