@@ -83,6 +83,11 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
     return img
 
 
+def open_image(path: str | os.PathLike, what: str = "image", max_pixels: int | None = None) -> Image.Image:
+    """A decoded PIL image, refused before decoding above ``max_pixels`` (default :data:`~fsdiff.limits.MAX_IMAGE_PIXELS`)."""
+    return _open(path, what, max_pixels)
+
+
 def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale a 16-bit (or 32-bit integer) array to 0..255."""
     arr = arr.astype(np.float64)

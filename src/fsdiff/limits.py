@@ -55,7 +55,7 @@ class Limit:
         """How a user raises this limit (the environment variable), or that it is fixed."""
         if self.env is None:
             return "this limit is fixed"
-        return f"to allow more, set the environment variable {self.env} (default {self.default:,})"
+        return f"raise the limit with the environment variable {self.env}=N"
 
 
 MAX_IMAGE_PIXELS = Limit("MAX_IMAGE_PIXELS", 50_000_000, "pixels", "FSDIFF_MAX_IMAGE_PIXELS")
@@ -68,6 +68,10 @@ MAX_JSON_BYTES = Limit("MAX_JSON_BYTES", 1 << 30, "bytes", "FSDIFF_MAX_JSON_BYTE
 """Largest annotation / episode-list / cache-record JSON file read (1 GiB; COCO 2017's
 ``instances_train2017.json`` is 448 MB). Nesting depth is bounded by Python's recursion limit
 (~1000 levels; a COCO json nests 5): deeper files are refused with a clear error."""
+
+MAX_CACHE_RECORD_BYTES = Limit("MAX_CACHE_RECORD_BYTES", 16 << 20, "bytes")
+"""Largest DifFSS cache record (``meta.json``) read; fsdiff's own are about 2 KB. A larger one is treated
+as not committed."""
 
 MAX_POLYGON_POINTS = Limit("MAX_POLYGON_POINTS", 100_000, "points", "FSDIFF_MAX_POLYGON_POINTS")
 """Most polygon vertices in one COCO annotation (all its polygons together; COCO's largest have a few
@@ -145,7 +149,7 @@ def check_side(value: object, name: str, limit: Limit = MAX_SIDE, minimum: int =
         raise FsdiffError(f"{name}={v} is too small; use at least {minimum} {limit.unit}.")
     if v > top:
         raise FsdiffError(
-            f"{name}={v:,} exceeds the limit of {top:,} {limit.unit} ({limit.name}); use a smaller value, "
+            f"{name}={v} exceeds the limit of {top:,} {limit.unit} ({limit.name}); use a smaller value, "
             f"or {limit.hint()}."
         )
     return v
@@ -159,7 +163,7 @@ def check_count(value: object, name: str, limit: Limit, minimum: int = 0) -> int
         raise FsdiffError(f"{name}={v} must be at least {minimum}.")
     if v > top:
         raise FsdiffError(
-            f"{name}={v:,} exceeds the limit of {top:,} {limit.unit} ({limit.name}); use a smaller value, "
+            f"{name}={v} exceeds the limit of {top:,} {limit.unit} ({limit.name}); use a smaller value, "
             f"or {limit.hint()}."
         )
     return v
@@ -180,7 +184,7 @@ def check_image_size(width: int, height: int, source: str, max_pixels: int | Non
 
 
 __all__ = [
-    "FOLLOW_SYMLINKS_ENV", "Limit", "MAX_EPISODES", "MAX_GENERATED_PER_SUPPORT", "MAX_GENERATION_RESOLUTION",
+    "FOLLOW_SYMLINKS_ENV", "Limit", "MAX_CACHE_RECORD_BYTES", "MAX_EPISODES", "MAX_GENERATED_PER_SUPPORT", "MAX_GENERATION_RESOLUTION",
     "MAX_IMAGE_PIXELS", "MAX_JSON_BYTES", "MAX_KEY_CHARS", "MAX_POLYGONS", "MAX_POLYGON_PERIMETER",
     "MAX_POLYGON_POINTS", "MAX_SCORE_RESOLUTION", "MAX_SHOTS", "MAX_SIDE", "POLYGON_MARGIN", "POLYGON_MARGIN_MIN_PX",
     "check_count", "check_image_size", "check_side", "follow_symlinks",

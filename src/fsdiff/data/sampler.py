@@ -35,7 +35,8 @@ import numpy as np
 from fsdiff.data.base import FewShotSource
 from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
-from fsdiff.io import atomic_path
+from fsdiff.io import atomic_path, read_json
+from fsdiff.limits import MAX_EPISODES, MAX_KEY_CHARS, MAX_SHOTS
 
 PROTOCOLS = ("hsnet", "bam")
 HSNET_SEED = 0
@@ -258,18 +259,26 @@ def save_episode_list(path: str | os.PathLike, specs: list[EpisodeSpec], meta: d
         tmp.write_text(text, encoding="utf-8")
 
 
+def _bad_key(key: object) -> bool:
+    return not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\0" in key
+
+
 def load_episode_list(path: str | os.PathLike) -> tuple[list[EpisodeSpec], dict]:
-    """Read an episode list written by :func:`save_episode_list`: (specs, meta)."""
+    """Read an episode list written by :func:`save_episode_list`: (specs, meta).
+
+    Image keys are only names here: the source resolves them (a COCO key must be a file_name of its json, a
+    folder key one of its files, a PASCAL id a file inside its folders), so a key cannot reach outside the
+    dataset. Bounds: :data:`fsdiff.limits.MAX_EPISODES` episodes, :data:`~fsdiff.limits.MAX_SHOTS` images per
+    side of an episode, keys of at most :data:`~fsdiff.limits.MAX_KEY_CHARS` characters.
+    """
     p = Path(path)
     what = f"episode list {p}"
-    if not p.is_file():
-        raise FsdiffError(f"{what} not found; write one with `fsdiff episodes` or save_episode_list().")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FsdiffError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno}); re-create the file.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FsdiffError(f"cannot read {what}: {exc}.") from None
+    if not p.exists():
+        raise FsdiffError(
+            f"{what} not found; write one with save_episode_list() (CLI: `fsdiff eval ... --save-episodes FILE` "
+            "saves the episodes it samples)."
+        )
+    data = read_json(p, "episode list", fix="re-create the file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FsdiffError(f"{what} is not an fsdiff episode list (no \"format\": \"{FORMAT}\"); re-create the file.")
     meta, episodes = data.get("meta"), data.get("episodes")
@@ -277,26 +286,39 @@ def load_episode_list(path: str | os.PathLike) -> tuple[list[EpisodeSpec], dict]
         raise FsdiffError(f"{what}: 'meta' must be an object with keys {list(REQUIRED_META)}; re-create the file.")
     if not isinstance(episodes, list):
         raise FsdiffError(f"{what}: 'episodes' must be a list; re-create the file.")
+    shots = meta["shots"]
+    if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= MAX_SHOTS.value():
+        raise FsdiffError(
+            f"{what}: meta 'shots' is {str(shots)[:40]!r}; it must be an integer in 0..{MAX_SHOTS.value()} "
+            f"({MAX_SHOTS.name}); re-create the file."
+        )
+    if len(episodes) > MAX_EPISODES.value():
+        raise FsdiffError(
+            f"{what} holds {len(episodes):,} episodes, above the limit of {MAX_EPISODES.value():,} "
+            f"({MAX_EPISODES.name}); split the file, or {MAX_EPISODES.hint()}."
+        )
     specs = []
     for i, e in enumerate(episodes):
         ok = (
             isinstance(e, dict)
             and isinstance(e.get("id"), str)
+            and len(e["id"]) <= MAX_KEY_CHARS
             and isinstance(e.get("class_id"), int)
             and not isinstance(e.get("class_id"), bool)
             and isinstance(e.get("query"), list)
-            and len(e["query"]) > 0
+            and 0 < len(e["query"]) <= MAX_SHOTS.value()
             and isinstance(e.get("support"), list)
-            and all(isinstance(k, str) for k in e["query"] + e["support"])
+            and not any(_bad_key(k) for k in e["query"] + e["support"])
         )
         if not ok:
             raise FsdiffError(
-                f"{what}: episode {i} is malformed (needs 'id' string, 'class_id' integer, 'query' non-empty "
-                "list of image keys, 'support' list of image keys); re-create the file."
+                f"{what}: episode {i} is malformed (needs 'id' string, 'class_id' integer, 'query' list of 1 to "
+                f"{MAX_SHOTS.value()} image keys, 'support' list of image keys; keys are non-empty strings of at "
+                f"most {MAX_KEY_CHARS} characters); re-create the file."
             )
-        if isinstance(meta["shots"], int) and len(e["support"]) != meta["shots"]:
+        if len(e["support"]) != shots:
             raise FsdiffError(
-                f"{what}: episode {i} has {len(e['support'])} support(s) but meta says shots={meta['shots']}; "
+                f"{what}: episode {i} has {len(e['support'])} support(s) but meta says shots={shots}; "
                 "re-create the file."
             )
         specs.append(EpisodeSpec(e["id"], e["class_id"], tuple(e["query"]), tuple(e["support"])))
