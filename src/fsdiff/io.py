@@ -59,11 +59,11 @@ def _open(path: str | os.PathLike, what: str, max_pixels: int | None = None) -> 
     if Image.MAX_IMAGE_PIXELS is not None and top > Image.MAX_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = top  # PIL's own bomb check must not refuse what the fsdiff limit allows
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # PIL's warning is superseded by the fsdiff limit checked here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(p)
-        check_image_size(img.size[0], img.size[1], f"{what} {p}", max_pixels)
-        img.load()
+            check_image_size(img.size[0], img.size[1], f"{what} {p}", max_pixels)
+            img.load()
     except FsdiffError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -131,8 +131,8 @@ _NEAR = 16
 def _looks_lossy(arr: np.ndarray) -> tuple[bool, int]:
     """Whether a 2-D uint8 label array looks like a 0/255 mask blurred by JPEG or anti-aliasing; its value count.
 
-    The signature: >= 16 distinct values, >= 90% of the pixels within 16 of 0 or 255, and values just
-    below 255 (239..254), which class-index masks (0..N and 255 for ignore) never hold.
+    The signature: >= 90% of the pixels within 16 of 0 or 255, and values just below 255 (239..254), which
+    class-index masks (0..N and 255 for ignore) do not hold.
     """
     if arr.dtype != np.uint8:
         return False, int(np.unique(arr).size)
@@ -140,7 +140,7 @@ def _looks_lossy(arr: np.ndarray) -> tuple[bool, int]:
     distinct = int(np.count_nonzero(counts))
     near = int(counts[: _NEAR + 1].sum() + counts[255 - _NEAR :].sum())
     below_white = bool(counts[255 - _NEAR : 255].any())
-    return distinct >= 16 and near >= 0.9 * arr.size and below_white, distinct
+    return near >= 0.9 * arr.size and below_white, distinct
 
 
 def _lossy_error(source: str, distinct: int, jpeg: bool) -> FsdiffError:
