@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -17,14 +18,33 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsdiff.augment.cache import MARKER_NAME, GenerationCache, cache_key, is_generation_cache
+from fsdiff.augment.cache import (
+    MARKER_NAME,
+    GenerationCache,
+    cache_key,
+    is_generation_cache,
+)
 from fsdiff.augment.generate import GenerationConfig
 from fsdiff.augment.pregenerate import check_cache, list_cache
-from fsdiff.data import CocoSource, FolderSource, PascalSource, build_episode, load_episode_list
+from fsdiff.data import (
+    CocoSource,
+    FolderSource,
+    PascalSource,
+    build_episode,
+    load_episode_list,
+)
 from fsdiff.data.sampler import EpisodeSpec, save_episode_list
 from fsdiff.episode import BoxAnnotation, MaskAnnotation, Shot
 from fsdiff.errors import FsdiffError
-from fsdiff.io import atomic_path, read_image, read_json, read_mask, read_scribble, write_image, write_text
+from fsdiff.io import (
+    atomic_path,
+    read_image,
+    read_json,
+    read_mask,
+    read_scribble,
+    write_image,
+    write_text,
+)
 from fsdiff.limits import (
     FOLLOW_SYMLINKS_ENV,
     MAX_EPISODES,
@@ -230,11 +250,10 @@ def test_hostile_segmentations_fail_fast_under_a_memory_cap(tmp_path, segm, expe
     ann = _coco(tmp_path / "ds", ["a.jpg"], segm=segm)
     _jpg(ann.parent / "images" / "a.jpg")
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", _MEMCAP, str(ann.parent)], capture_output=True, text=True,
-                       env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-c", _MEMCAP, str(ann.parent)], check=False, capture_output=True,
+                       text=True, env=env, timeout=120)
     assert r.returncode == 3, r.stdout + r.stderr
     assert str(ann) in r.stdout
-    import re
     assert re.search(expect, r.stdout), r.stdout
 
 
@@ -281,7 +300,7 @@ def test_malformed_coco_entries_are_named(tmp_path, where, patch, expect):
 
 @pytest.mark.parametrize("text, expect", [
     ("[" * 100000 + "]" * 100000, "nests lists or objects more than"),
-    ('{"images": [], "annotations": [], "categories": [{"id": NaN, "name": "x"}]}', "holds NaN"),
+    ('{"images": [], "annotations": [], "categories": [{"id": NaN, "name": "x"}]}', r"categories\[0\] has id nan"),
     ('{"images": [{"id": ' + "9" * 5000 + "}]}", "digits"),
     ('{"images": [', "is not valid JSON"),
 ])
@@ -298,6 +317,10 @@ def test_json_size_limit(tmp_path, monkeypatch):
     path.write_text(json.dumps({"x": "y" * 200}))
     monkeypatch.setenv("FSDIFF_MAX_JSON_BYTES", "100")
     with pytest.raises(FsdiffError, match=rf"episode list {path} is 2\d\d bytes, above the limit of 100 bytes"):
+        load_episode_list(path)
+    monkeypatch.delenv("FSDIFF_MAX_JSON_BYTES")
+    path.write_text('{"format": "fsdiff-episode-list", "x": NaN}')
+    with pytest.raises(FsdiffError, match=rf"episode list {path}: the file holds NaN, which is not a JSON number"):
         load_episode_list(path)
     monkeypatch.setenv("FSDIFF_MAX_JSON_BYTES", "lots")
     with pytest.raises(FsdiffError, match="FSDIFF_MAX_JSON_BYTES='lots' is not a positive integer"):

@@ -29,7 +29,13 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from fsdiff.errors import FsdiffError
-from fsdiff.limits import FOLLOW_SYMLINKS_ENV, MAX_IMAGE_PIXELS, MAX_JSON_BYTES, check_image_size, follow_symlinks
+from fsdiff.limits import (
+    FOLLOW_SYMLINKS_ENV,
+    MAX_IMAGE_PIXELS,
+    MAX_JSON_BYTES,
+    check_image_size,
+    follow_symlinks,
+)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -318,11 +324,12 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"the file holds {name}, which is not a JSON number")
 
 
-def read_json(path: str | os.PathLike, what: str, fix: str = "re-create the file") -> object:
+def read_json(path: str | os.PathLike, what: str, fix: str = "re-create the file", *, allow_nan: bool = False) -> object:
     """Parse a JSON file of at most :data:`fsdiff.limits.MAX_JSON_BYTES`; every failure names ``what`` and ``path``.
 
-    NaN and Infinity are refused; nesting deeper than Python's recursion limit gives an FsdiffError, not a
-    RecursionError. ``fix`` is the advice appended to parse errors.
+    NaN and Infinity are refused unless ``allow_nan`` (then the caller validates the fields it uses);
+    nesting deeper than Python's recursion limit gives an FsdiffError, not a RecursionError. ``fix`` is
+    the advice appended to parse errors.
     """
     p = Path(path)
     try:
@@ -340,7 +347,7 @@ def read_json(path: str | os.PathLike, what: str, fix: str = "re-create the file
             f"split the file, or {MAX_JSON_BYTES.hint()}."
         )
     try:
-        return json.loads(p.read_bytes(), parse_constant=_reject_constant)
+        return json.loads(p.read_bytes(), parse_constant=None if allow_nan else _reject_constant)
     except json.JSONDecodeError as exc:
         raise FsdiffError(
             f"{what} {p} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); {fix}."

@@ -135,9 +135,8 @@ def _as_int(value: object, name: str, unit: str) -> int:
     """``value`` as an int (integral floats too), or an FsdiffError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise FsdiffError(f"{name} must be an integer number of {unit}, got {value!r}.")
-    if isinstance(value, (float, np.floating)):
-        if not math.isfinite(float(value)) or not float(value).is_integer():
-            raise FsdiffError(f"{name} must be an integer number of {unit}, got {value!r}.")
+    if isinstance(value, (float, np.floating)) and not (math.isfinite(float(value)) and float(value).is_integer()):
+        raise FsdiffError(f"{name} must be an integer number of {unit}, got {value!r}.")
     return int(value)
 
 
@@ -184,8 +183,25 @@ def check_image_size(width: int, height: int, source: str, max_pixels: int | Non
 
 
 __all__ = [
-    "FOLLOW_SYMLINKS_ENV", "Limit", "MAX_CACHE_RECORD_BYTES", "MAX_EPISODES", "MAX_GENERATED_PER_SUPPORT", "MAX_GENERATION_RESOLUTION",
-    "MAX_IMAGE_PIXELS", "MAX_JSON_BYTES", "MAX_KEY_CHARS", "MAX_POLYGONS", "MAX_POLYGON_PERIMETER",
-    "MAX_POLYGON_POINTS", "MAX_SCORE_RESOLUTION", "MAX_SHOTS", "MAX_SIDE", "POLYGON_MARGIN", "POLYGON_MARGIN_MIN_PX",
-    "check_count", "check_image_size", "check_side", "follow_symlinks",
+    "FOLLOW_SYMLINKS_ENV",
+    "MAX_CACHE_RECORD_BYTES",
+    "MAX_EPISODES",
+    "MAX_GENERATED_PER_SUPPORT",
+    "MAX_GENERATION_RESOLUTION",
+    "MAX_IMAGE_PIXELS",
+    "MAX_JSON_BYTES",
+    "MAX_KEY_CHARS",
+    "MAX_POLYGONS",
+    "MAX_POLYGON_PERIMETER",
+    "MAX_POLYGON_POINTS",
+    "MAX_SCORE_RESOLUTION",
+    "MAX_SHOTS",
+    "MAX_SIDE",
+    "POLYGON_MARGIN",
+    "POLYGON_MARGIN_MIN_PX",
+    "Limit",
+    "check_count",
+    "check_image_size",
+    "check_side",
+    "follow_symlinks",
 ]

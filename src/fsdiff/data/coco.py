@@ -26,7 +26,6 @@ per-class image lists (and so HSNet's sampling) come from HSNet's ``coco/{trn,va
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import re
@@ -36,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_fold, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_fold,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
 from fsdiff.io import IGNORE, read_image, read_json, resolve_inside
 from fsdiff.limits import (
@@ -191,7 +196,9 @@ class CocoSource(FewShotSource):
         )
 
     def _read_json(self) -> dict:
-        data = read_json(self.ann, "COCO annotation file", fix="re-export the annotations in COCO format")
+        # NaN is allowed in the file (exporters write it into fields fsdiff never reads, e.g. 'area'); every
+        # field that is used is validated: a NaN id or size is "not an integer", a NaN coordinate "non-finite".
+        data = read_json(self.ann, "COCO annotation file", fix="re-export the annotations in COCO format", allow_nan=True)
         if not isinstance(data, dict):
             raise FsdiffError(f"{self.ann} is not a COCO annotation file: the top level is not an object.")
         missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]

@@ -18,7 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_pair, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_pair,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
 from fsdiff.io import read_image, resolve_inside
 

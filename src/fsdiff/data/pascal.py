@@ -17,7 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_fold, check_pair, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_fold,
+    check_pair,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
 from fsdiff.io import mask_from_array, read_image, read_label, resolve_inside
 
