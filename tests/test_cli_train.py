@@ -49,7 +49,7 @@ def test_train_diffup_two_steps(tmp_path, capsys):
     code = main(["train", "diffup", "--dataset", "folder", "--root", str(tmp_path / "ds"), "--steps", "2", "--batch-size", "2",
                  "--warmup", "0", "--threads", "1", "--no-progress", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert (out / "final" / "diffup.json").is_file() and (out / "final" / "uqdd" / "config.json").is_file()
+    assert (out / "final" / "fsdiff_checkpoint.json").is_file() and (out / "final" / "uqdd" / "config.json").is_file()
 
 
 def test_train_diffup_config_args(tmp_path, capsys):
@@ -59,7 +59,7 @@ def test_train_diffup_config_args(tmp_path, capsys):
             "--warmup", "0", "--threads", "1", "--no-progress", "--save-every", "0"]
     code = main(base + ["--config-arg", "query_channels=0", "--config-arg", "input_size=64", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    doc = json.loads((out / "final" / "diffup.json").read_text())
+    doc = json.loads((out / "final" / "fsdiff_checkpoint.json").read_text())
     assert doc["config"]["query_channels"] == 0 and doc["config"]["input_size"] == 64
     assert doc["config"]["prior_matmul_dtype"] == "bfloat16"  # the rest is the CPU recipe
     for bad, word in (("no_such_field=1", "no_such_field"), ("query_channels", "KEY=VALUE"),
@@ -91,7 +91,7 @@ def test_train_diffup_input_size_option(tmp_path, capsys):
     base = ["train", "diffup", "--dataset", "folder", "--root", str(tmp_path / "ds"), "--steps", "1", "--batch-size", "1",
             "--warmup", "0", "--threads", "1", "--no-progress", "--save-every", "0"]
     assert main(base + ["--input-size", "64", "--out", str(out)]) == 0, capsys.readouterr().err
-    assert json.loads((out / "final" / "diffup.json").read_text())["config"]["input_size"] == 64
+    assert json.loads((out / "final" / "fsdiff_checkpoint.json").read_text())["config"]["input_size"] == 64
     code = main(base + ["--input-size", "64", "--config-arg", "input_size=96", "--out", str(tmp_path / "bad")])
     err = capsys.readouterr().err
     assert code == 2 and "--input-size 64" in err and "input_size=96" in err

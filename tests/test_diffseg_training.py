@@ -26,7 +26,6 @@ from fsdiff.diffusion.loading import load_kandinsky  # noqa: E402
 from fsdiff.diffusion.tiny import build_tiny_kandinsky  # noqa: E402
 from fsdiff.methods.diffseg import DiffSegConfig, DiffSegSegmenter, make_training_batch  # noqa: E402
 from fsdiff.methods.diffseg.training import (  # noqa: E402
-    TRAIN_INFO_FILE,
     DiffSegTrainable,
     steps_per_epoch,
     train_diffseg,
@@ -304,10 +303,12 @@ def test_resume_equivalence_and_pickle_free_checkpoints(tiny: Any, parts: Any, t
         files = [p for p in (tmp_path / "b" / folder).rglob("*") if p.is_file()]
         assert files and all(p.suffix in ALLOWED_SUFFIXES for p in files), files
         names = {p.relative_to(tmp_path / "b" / folder).as_posix() for p in files}
-        assert {"pam/config.json", "scm/config.json", "diffseg_config.json", TRAIN_INFO_FILE} <= names
+        assert {"pam/config.json", "scm/config.json", "fsdiff_checkpoint.json"} <= names
         assert any(n.startswith("pam/") and n.endswith(".safetensors") for n in names)
-    info = json.loads((tmp_path / "b" / "final" / TRAIN_INFO_FILE).read_text())
-    assert info["method"] == "diffseg" and info["step"] == 4 and info["trainer"]["optimizer"] == "sgd"
+    doc = json.loads((tmp_path / "b" / "final" / "fsdiff_checkpoint.json").read_text())
+    info = doc["provenance"]
+    assert doc["method"] == info["method"] == "diffseg" and doc["modules"] == ["pam", "scm"]
+    assert doc["config"]["input_size"] == SIZE and info["step"] == 4 and info["trainer"]["optimizer"] == "sgd"
 
     # the final folder is a DiffSeg checkpoint the segmenter loads (same weights)
     seg = DiffSegSegmenter(checkpoint=tmp_path / "b" / "final", parts=parts)
@@ -356,8 +357,10 @@ def test_train_diffseg_recipe_in_epochs(tiny: Any, parts: Any, tmp_path: Path) -
     assert state["batch_size"] == 2
     log = [json.loads(x) for x in res.log_path.read_text().splitlines()]
     assert log[-1]["step"] == 9
-    saved = DiffSegConfig.load(tmp_path / "final")
-    assert saved is not None and saved.input_size == SIZE and saved.pam_width == 16
+    from fsdiff.checkpoint import read_checkpoint
+
+    saved = DiffSegConfig.from_dict(read_checkpoint(tmp_path, "diffseg").config)  # a run folder resolves to final/
+    assert saved.input_size == SIZE and saved.pam_width == 16
 
 
 def test_coco_mini_batches(shared_data: Path, tiny: Any, parts: Any) -> None:

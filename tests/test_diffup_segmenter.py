@@ -25,13 +25,8 @@ from fsdiff.episode import (
 from fsdiff.errors import FsdiffError
 from fsdiff.methods.base import Segmenter
 from fsdiff.methods.diffup import DiffUpConfig
-from fsdiff.methods.diffup.segmenter import (
-    EXPECTED_FILES,
-    DiffUpSegmenter,
-    build_diffup,
-    load_diffup,
-    save_diffup,
-)
+from fsdiff.methods.diffup.checkpoint import EXPECTED_FILES, load_diffup, save_diffup
+from fsdiff.methods.diffup.segmenter import DiffUpSegmenter, build_diffup
 from fsdiff.methods.diffup.training import DiffUpTrainable
 from fsdiff.train import train
 
@@ -210,7 +205,7 @@ def test_text_prior_path(checkpoint, source, tmp_path):
 
 
 def test_bad_checkpoints(checkpoint, tmp_path):
-    with pytest.raises(FsdiffError, match="does not exist.*diffup.json"):
+    with pytest.raises(FsdiffError, match="does not exist.*fsdiff_checkpoint.json"):
         DiffUpSegmenter(tmp_path / "nowhere")
     with pytest.raises(FsdiffError, match="PASCAL.*--checkpoint"):
         build_diffup(benchmark=dict(dataset="pascal", fold=0))  # no shipped checkpoint keeps PASCAL classes unseen
@@ -222,7 +217,7 @@ def test_bad_checkpoints(checkpoint, tmp_path):
     (broken / "uqdd" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(FsdiffError, match="cannot load"):
         DiffUpSegmenter(broken)
-    (broken / "diffup.json").write_text("{not json")
+    (broken / "fsdiff_checkpoint.json").write_text("{not json")
     with pytest.raises(FsdiffError, match="JSON"):
         DiffUpSegmenter(broken)
     # a training output directory resolves to its final/ weights

@@ -3,7 +3,6 @@ conversion used by the annotation-type benchmarks."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -175,7 +175,6 @@ def test_horse_one_shot_beats_all_foreground(shared_data, encoder):
 def test_self_support_matches_the_baft_self_map():
     """prototype(self_support=True) = the mean over its levels of BAFT's self maps (first estimate = the
     plain prototype output), computed independently by fsdiff.methods.diffup.baft.pooled_prior."""
-    import torch
     import torch.nn.functional as F
 
     from fsdiff.methods.diffup.baft import pooled_prior

@@ -273,7 +273,7 @@ def test_train_diffup_entry_and_cpu_config(tmp_path):
                        progress=False, num_threads=1)
     assert torch.get_num_threads() == before
     assert res.final_dir == tmp_path / "final" and (tmp_path / "checkpoint-1" / "trainer_state.json").is_file()
-    meta = json.loads((tmp_path / "final" / "diffup.json").read_text())
+    meta = json.loads((tmp_path / "final" / "fsdiff_checkpoint.json").read_text())
     assert meta["encoder"] == "efficientnet-lite0" and meta["provenance"]["trainer"]["lr"] == 3e-4
 
 

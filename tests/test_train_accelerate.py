@@ -43,7 +43,7 @@ def test_accelerate_launch_trains_diffup_on_two_cpu_processes(tmp_path: Path) ->
     proc = subprocess.run(cmd, cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
-    doc = json.loads((out / "final" / "diffup.json").read_text())
+    doc = json.loads((out / "final" / "fsdiff_checkpoint.json").read_text())
     assert doc["provenance"]["trainer"]["num_processes"] == 2, (
         "the two processes did not form one world of 2 (the trainer's Accelerator needs cpu=True without a GPU)"
     )

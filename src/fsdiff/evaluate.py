@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import io
-import json
 import math
 import os
 import sys
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from fsdiff.episode import Episode
 from fsdiff.errors import FsdiffError
 from fsdiff.io import atomic_path
+from fsdiff.jsonutil import dumps
 from fsdiff.methods.base import Segmenter
 from fsdiff.metrics import FssMeter, Resolution, check_resolution, mean_std, resize_for_scoring
 
@@ -239,18 +239,6 @@ def _csv_text(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def write_report(
     out_dir: str | os.PathLike,
     summary: Mapping,
@@ -272,7 +260,7 @@ def write_report(
     doc.setdefault("fsdiff_version", __version__)
     doc.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     try:
-        json_text = json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n"
+        json_text = dumps(doc, indent=2) + "\n"
     except (TypeError, ValueError) as exc:
         raise FsdiffError(f"cannot write the evaluation report: {exc}.") from None
     csv_text = _csv_text(rows)

@@ -36,6 +36,7 @@ from fsdiff.data.base import FewShotSource
 from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
 from fsdiff.io import atomic_path, read_json
+from fsdiff.jsonutil import dumps
 from fsdiff.limits import MAX_EPISODES, MAX_KEY_CHARS, MAX_SHOTS
 
 PROTOCOLS = ("hsnet", "bam")
@@ -224,16 +225,6 @@ def episode_meta(
     return meta
 
 
-def _jsonable(obj: object) -> object:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, (Path, os.PathLike)):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def save_episode_list(path: str | os.PathLike, specs: list[EpisodeSpec], meta: dict) -> None:
     """Write ``specs`` and ``meta`` (dataset, fold, shots, protocol, seed, ...) as JSON, atomically."""
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -250,8 +241,8 @@ def save_episode_list(path: str | os.PathLike, specs: list[EpisodeSpec], meta: d
         for s in specs
     ]
     try:
-        head = json.dumps({"format": FORMAT, "version": 1, "meta": meta}, default=_jsonable)
-    except TypeError as exc:
+        head = dumps({"format": FORMAT, "version": 1, "meta": meta})
+    except (TypeError, ValueError) as exc:
         raise FsdiffError(f"episode list meta is not JSON serialisable: {exc}.") from None
     lines = ",\n".join(json.dumps(e, ensure_ascii=False) for e in episodes)
     text = head[:-1] + ', "episodes": [\n' + lines + "\n]}\n"

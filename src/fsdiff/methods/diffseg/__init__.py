@@ -5,7 +5,7 @@ Eq. 12) and the Spatial Control Module (§4.4).
 * :mod:`.config`: :class:`DiffSegConfig` (every METHODS.md §3.9 ambiguity as a field with its default).
 * :mod:`.pam`, :mod:`.scm`: the trainable modules (diffusers ``ModelMixin`` + ``ConfigMixin``).
 * :mod:`.model`: :class:`DiffSegModel` (frozen parts + PAM + SCM; forward, loss, checkpoints).
-* :mod:`.segmenter`: the ``diffseg-prior`` and ``diffseg`` segmenters and :func:`choose_threshold`.
+* :mod:`.segmenter`: the ``diffseg-prior`` and ``diffseg`` segmenters (thresholds: :func:`fsdiff.evaluate.choose_threshold`).
 
 Only :mod:`.config` is imported eagerly; the rest (which imports diffusers) loads on first attribute access.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from fsdiff.methods.diffseg.config import CONFIG_FILE, DiffSegConfig
+from fsdiff.methods.diffseg.config import DiffSegConfig
 
 _LAZY = {
     "PerceptualAttentionModule": "pam",
@@ -32,7 +32,6 @@ _LAZY = {
     "support_tensors": "model",
     "DiffSegPriorSegmenter": "segmenter",
     "DiffSegSegmenter": "segmenter",
-    "choose_threshold": "segmenter",
 }
 
 
@@ -58,4 +57,4 @@ def build_diffseg(**kwargs: Any) -> Any:
     return DiffSegSegmenter(**kwargs)
 
 
-__all__ = ["CONFIG_FILE", "DiffSegConfig", "build_diffseg", "build_diffseg_prior", *sorted(_LAZY)]
+__all__ = ["DiffSegConfig", "build_diffseg", "build_diffseg_prior", *sorted(_LAZY)]

@@ -11,17 +11,11 @@ UNet's ``config.sample_size`` latent (64 for Kandinsky 2.2), i.e. levels 32 -> d
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 from fsdiff.diffusion.loading import KANDINSKY_DECODER_ID, KANDINSKY_PRIOR_ID
 from fsdiff.errors import FsdiffError
-
-CONFIG_FILE = "diffseg_config.json"
-"""Name of the DiffSegConfig JSON written next to the PAM/SCM subfolders of a checkpoint."""
 
 _RUNTIME_FIELDS = ("device", "dtype")
 """Fields not written into a checkpoint: they describe the machine, not the model."""
@@ -159,6 +153,10 @@ class DiffSegConfig:
         """The config as a JSON-compatible dict."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """The fields a checkpoint records (without the machine-specific device and dtype)."""
+        return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+
     @classmethod
     def field_names(cls) -> list[str]:
         """Names of every field."""
@@ -183,25 +181,3 @@ class DiffSegConfig:
                 f"DiffSeg: unknown option(s) {unknown}; valid options are: {', '.join(self.field_names())}."
             )
         return replace(self, **overrides)
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``diffseg_config.json`` into ``directory`` (without the machine-specific device and dtype)."""
-        path = Path(directory) / CONFIG_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "DiffSegConfig | None":
-        """Read ``diffseg_config.json`` from a checkpoint directory (None when absent)."""
-        path = Path(directory) / CONFIG_FILE
-        if not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise FsdiffError(f"{path}: not a readable JSON file ({exc}).") from exc
-        if not isinstance(data, dict):
-            raise FsdiffError(f"{path}: expected a JSON object.")
-        return cls.from_dict(data, strict=False)

@@ -47,6 +47,7 @@ from torch import nn
 from fsdiff.diffusion.attention import AttentionCapture
 from fsdiff.diffusion.loading import KandinskyParts, MissingModelError, load_kandinsky
 from fsdiff.episode import Episode
+from fsdiff.checkpoint import load_module, read_checkpoint, write_checkpoint
 from fsdiff.errors import FsdiffError
 from fsdiff.io import IGNORE
 from fsdiff.methods.diffseg.config import DiffSegConfig
@@ -57,6 +58,8 @@ PAM_DIR = "pam"
 """Subfolder of a checkpoint holding the PAM (config.json + diffusion_pytorch_model.safetensors)."""
 SCM_DIR = "scm"
 """Subfolder of a checkpoint holding the SCM (config.json + diffusion_pytorch_model.safetensors)."""
+TRAIN_HINT = ("train one with `fsdiff train diffseg --out DIR ...` (or fsdiff.api.train('diffseg', source, DIR)) and "
+              "pass DIR/final")
 
 BATCH_KEYS = {
     "query_image": "(B, 3, S, S) float32 RGB in [0, 1] (required)",
@@ -465,44 +468,25 @@ class DiffSegModel(nn.Module):
         total = self.config.alpha * loss_prior + self.config.beta * loss_latent
         return {"loss": total, "loss_prior": loss_prior.detach(), "loss_latent": loss_latent.detach()}
 
-    # -- optimisation -----------------------------------------------------------------------------------------
-
-    def make_optimizer(self) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.StepLR]:
-        """SGD (lr, momentum, weight decay) over PAM+SCM and StepLR(step=lr_step_epochs, gamma) (METHODS.md §3.5)."""
-        cfg = self.config
-        opt = torch.optim.SGD(self.trainable_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay)
-        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
-
     # -- checkpoints ------------------------------------------------------------------------------------------
 
-    def save_trainable(self, directory: str | os.PathLike[str]) -> Path:
-        """Write PAM (``pam/``) and SCM (``scm/``) with ``save_pretrained`` plus ``diffseg_config.json``."""
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
-        self.pam.save_pretrained(root / PAM_DIR, safe_serialization=True)
-        if self.scm is not None:
-            self.scm.save_pretrained(root / SCM_DIR, safe_serialization=True)
-        self.config.save(root)
-        return root
+    def save_trainable(self, directory: str | os.PathLike[str], provenance: dict[str, Any] | None = None) -> Path:
+        """Write PAM (``pam/``) and SCM (``scm/``) and the config in fsdiff's checkpoint layout (fsdiff.checkpoint)."""
+        modules = {PAM_DIR: self.pam} if self.scm is None else {PAM_DIR: self.pam, SCM_DIR: self.scm}
+        return write_checkpoint(directory, "diffseg", modules, self.config.checkpoint_dict(), provenance=provenance)
 
     def load_trainable(self, directory: str | os.PathLike[str]) -> None:
-        """Load PAM and SCM saved by :meth:`save_trainable` (``from_pretrained``), checking they fit the UNet."""
-        root = Path(directory)
-        if not (root / PAM_DIR).is_dir():
-            raise FsdiffError(
-                f"DiffSeg checkpoint {root}: no {PAM_DIR}/ subfolder; expected a directory written by "
-                "`fsdiff train diffseg` (pam/ and scm/, each config.json + diffusion_pytorch_model.safetensors)."
-            )
-        pam = _from_pretrained(PerceptualAttentionModule, root / PAM_DIR)
+        """Load PAM and SCM saved by :meth:`save_trainable`, checking they fit the UNet."""
+        info = read_checkpoint(directory, "diffseg", hint=TRAIN_HINT)
+        pam = load_module(info, PAM_DIR, PerceptualAttentionModule)
         scm = None
         if self.config.use_scm:
-            if not (root / SCM_DIR).is_dir():
+            if SCM_DIR not in info.modules:
                 raise FsdiffError(
-                    f"DiffSeg checkpoint {root}: no {SCM_DIR}/ subfolder but use_scm is on; pass use_scm=False for "
-                    "a checkpoint trained without the SCM."
+                    f"DiffSeg checkpoint {info.directory}: no {SCM_DIR}/ module but use_scm is on; pass use_scm=False "
+                    "for a checkpoint trained without the SCM."
                 )
-            scm = _from_pretrained(SpatialControlModule, root / SCM_DIR)
+            scm = load_module(info, SCM_DIR, SpatialControlModule)
         self._check_trainable(pam, scm)
         self.pam = _to_fp32(pam, self.device)
         self.scm = _to_fp32(scm, self.device) if scm is not None else None
@@ -514,18 +498,6 @@ def _to_fp32(module: nn.Module, device: torch.device) -> Any:
     if any(p.dtype != torch.float32 for p in module.parameters()):
         module = nn.Module.to(module, dtype=torch.float32)
     return module.to(device)
-
-
-def _from_pretrained(cls: Any, folder: Path) -> Any:
-    try:
-        return cls.from_pretrained(folder)
-    except FsdiffError:
-        raise
-    except Exception as exc:
-        raise FsdiffError(
-            f"DiffSeg checkpoint: could not load {cls.__name__} from {folder} ({type(exc).__name__}: "
-            f"{str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''})."
-        ) from exc
 
 
 def load_parts(config: DiffSegConfig) -> KandinskyParts:

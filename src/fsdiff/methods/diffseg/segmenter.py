@@ -4,7 +4,7 @@ fsdiff.methods.base on top of :class:`~fsdiff.methods.diffseg.model.DiffSegModel
 * ``diffseg-prior`` (:class:`DiffSegPriorSegmenter`): training-free. The attention prior M_a (Eq. 11; one
   Kandinsky UNet pass per query with the k-shot mean CLIP embedding of the masked supports) is upsampled
   bilinearly from the latent grid to the query's resolution and used as the probability map. Its threshold is
-  ``prior_threshold`` (0.5) or one chosen on a validation split with :func:`choose_threshold`. With a
+  ``prior_threshold`` (0.5) or one chosen on a validation split with :func:`fsdiff.evaluate.choose_threshold`. With a
   ``checkpoint`` the trained SCM steers the attention (the PAM is not used).
 * ``diffseg`` (:class:`DiffSegSegmenter`): the full model (PAM + SCM from a checkpoint written by
   :meth:`DiffSegModel.save_trainable`); the probability map is the soft read-out of I_pre
@@ -20,7 +20,6 @@ from __future__ import annotations
 import abc
 
 import os
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,21 +29,21 @@ import torch.nn.functional as F
 from fsdiff.diffusion.loading import KandinskyParts
 from fsdiff.episode import Episode
 from fsdiff.errors import FsdiffError
-from fsdiff.evaluate import DEFAULT_CANDIDATES, choose_threshold  # noqa: F401  (re-exported)
 from fsdiff.methods.diffseg.config import DiffSegConfig
-from fsdiff.methods.diffseg.model import DiffSegModel, DiffSegOutput, image_to_tensor, load_diffseg_model, \
-    support_tensors
+from fsdiff.checkpoint import read_checkpoint
+from fsdiff.methods.diffseg.model import TRAIN_HINT, DiffSegModel, DiffSegOutput, image_to_tensor, \
+    load_diffseg_model, support_tensors
 
 _ALIASES = {"prior": "prior_model", "decoder": "decoder_model"}
 
 
 def _config_from(base: DiffSegConfig | None, checkpoint: str | os.PathLike[str] | None,
                  overrides: dict[str, Any]) -> DiffSegConfig:
-    """Config = ``base`` or the checkpoint's diffseg_config.json or the defaults, then ``overrides``."""
+    """Config = ``base`` or the checkpoint's recorded config or the defaults, then ``overrides``."""
     opts = {_ALIASES.get(k, k): v for k, v in overrides.items() if v is not None or k in ("prior_size", "dtype")}
     cfg = base
     if cfg is None and checkpoint is not None:
-        cfg = DiffSegConfig.load(checkpoint)
+        cfg = DiffSegConfig.from_dict(read_checkpoint(checkpoint, "diffseg", hint=TRAIN_HINT).config, strict=False)
     cfg = cfg or DiffSegConfig()
     return cfg.updated(**opts) if opts else cfg
 
@@ -70,11 +69,6 @@ class _DiffSegBase(abc.ABC):
                 self.model.config = _config_from(config or model.config, None, overrides)
         else:
             cfg = _config_from(config, checkpoint, overrides)
-            if checkpoint is not None and not os.path.isdir(os.fspath(checkpoint)):
-                raise FsdiffError(
-                    f"{self.name}: checkpoint {os.fspath(checkpoint)!r} is not a directory; pass the folder written "
-                    "by `fsdiff train diffseg` (it holds pam/ and scm/)."
-                )
             self.model = load_diffseg_model(cfg, checkpoint=checkpoint, parts=parts)
         self.model.eval()
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
@@ -155,4 +149,4 @@ class DiffSegSegmenter(_DiffSegBase):
         return out.prob
 
 
-__all__ = ["DEFAULT_CANDIDATES", "DiffSegPriorSegmenter", "DiffSegSegmenter", "choose_threshold"]
+__all__ = ["DiffSegPriorSegmenter", "DiffSegSegmenter"]

@@ -46,8 +46,6 @@ from fsdiff.errors import FsdiffError
 from fsdiff.io import IGNORE
 from fsdiff.methods.diffseg.config import DiffSegConfig
 
-TRAIN_INFO_FILE = "diffseg_train.json"
-"""Provenance written next to pam/, scm/ and diffseg_config.json by :meth:`DiffSegTrainable.save`."""
 
 
 class _LRU:
@@ -246,16 +244,9 @@ class DiffSegTrainable:
         }
 
     def save(self, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-        """Write ``pam/`` and ``scm/`` (``save_pretrained``: config.json + safetensors), ``diffseg_config.json``
-        and ``diffseg_train.json`` (provenance + ``meta``) into ``directory``; load it with
-        ``DiffSegSegmenter(checkpoint=directory)``."""
-        import json
-
-        root = self.model.save_trainable(directory)
-        info = {**self.provenance(), **dict(meta or {})}
-        (root / TRAIN_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n",
-                                            encoding="utf-8")
-        return root
+        """Write the checkpoint (``pam/``, ``scm/``, config and provenance + ``meta``, fsdiff.checkpoint layout);
+        load it with ``DiffSegSegmenter(checkpoint=directory)``."""
+        return self.model.save_trainable(directory, {**self.provenance(), **dict(meta or {})})
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes and entries held by the resized-image / mask / edge cache."""
@@ -336,4 +327,4 @@ def train_diffseg(
     )
 
 
-__all__ = ["TRAIN_INFO_FILE", "DiffSegTrainable", "steps_per_epoch", "train_diffseg"]
+__all__ = ["DiffSegTrainable", "steps_per_epoch", "train_diffseg"]

@@ -21,20 +21,14 @@ Inference for one episode [R = METHODS.md §4.2 reconstruction unless marked]:
 uncertainty 1.0 everywhere (so ``p > threshold`` is empty at the default threshold 0.5: nothing is
 claimed without evidence).
 
-Checkpoint layout (``save_diffup`` / ``load_diffup``)::
-
-    DIR/diffup.json                                   DiffUpConfig, encoder name, training provenance
-    DIR/uapf/config.json, DIR/uapf/diffusion_pytorch_model.safetensors
-    DIR/uqdd/config.json, DIR/uqdd/diffusion_pytorch_model.safetensors
+Checkpoints are read by :mod:`fsdiff.methods.diffup.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -45,7 +39,6 @@ import torch.nn.functional as F
 from fsdiff.episode import Episode
 from fsdiff.errors import FsdiffError
 from fsdiff.features import Encoder, FeatureCache, build_encoder, native_bf16
-from fsdiff.io import atomic_path
 from fsdiff.methods.diffup.baft import (
     DEFAULT_CLIP,
     TextPrior,
@@ -58,124 +51,8 @@ from fsdiff.methods.diffup.baft import (
     shot_prior,
     support_regions,
 )
-from fsdiff.methods.diffup.config import DiffUpConfig
+from fsdiff.methods.diffup.checkpoint import check_checkpoint, load_diffup
 from fsdiff.methods.diffup.schedule import make_generator
-from fsdiff.methods.diffup.uapf import UAPF
-from fsdiff.methods.diffup.uqdd import UQDD
-
-FORMAT = "fsdiff-diffup"
-FORMAT_VERSION = 1
-CONFIG_FILE = "diffup.json"
-MODEL_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-EXPECTED_FILES = (CONFIG_FILE,) + tuple(f"{sub}/{f}" for sub in ("uapf", "uqdd") for f in MODEL_FILES)
-"""Every file a DiffUp checkpoint directory must hold."""
-TRAIN_HINT = (
-    "train one with `fsdiff train diffup --out DIR ...` or in Python with "
-    "fsdiff.train.train(fsdiff.methods.diffup.training.DiffUpTrainable(source), DIR, steps=...) and pass "
-    "DIR/final"
-)
-
-
-# ----------------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------------
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (Path, os.PathLike)):
-        return str(obj)
-    if isinstance(obj, (tuple, set)):
-        return list(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def save_diffup(
-    directory: str | os.PathLike, config: DiffUpConfig, uapf: UAPF, uqdd: UQDD, meta: Mapping[str, Any]
-) -> Path:
-    """Write a DiffUp checkpoint (see the module docstring); ``meta`` must name the ``encoder``."""
-    if not isinstance(config, DiffUpConfig):
-        raise FsdiffError(f"save_diffup: config must be a DiffUpConfig, got {type(config).__name__}.")
-    meta = dict(meta or {})
-    encoder = meta.pop("encoder", None)
-    if not isinstance(encoder, str) or not encoder:
-        raise FsdiffError(
-            "save_diffup: meta must name the 'encoder' the priors were computed with (e.g. 'efficientnet-lite0')."
-        )
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    uapf.save_pretrained(out / "uapf", safe_serialization=True)
-    uqdd.save_pretrained(out / "uqdd", safe_serialization=True)
-    doc = {"format": FORMAT, "version": FORMAT_VERSION, "encoder": encoder, "config": config.to_dict(),
-           "provenance": meta}
-    try:
-        text = json.dumps(doc, indent=2, default=_jsonable)
-    except TypeError as exc:
-        raise FsdiffError(f"save_diffup: meta is not JSON serialisable ({exc}).") from None
-    with atomic_path(out / CONFIG_FILE) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return out
-
-
-def check_checkpoint(directory: str | os.PathLike) -> Path:
-    """Raise an FsdiffError unless ``directory`` holds a complete DiffUp checkpoint; return it as a Path."""
-    if directory is None:
-        raise FsdiffError(f"DiffUp needs checkpoint=DIR, a trained checkpoint directory; {TRAIN_HINT}.")
-    d = Path(directory).expanduser()
-    expected = ", ".join(EXPECTED_FILES)
-    if not d.is_dir():
-        raise FsdiffError(
-            f"DiffUp checkpoint directory {d} does not exist; it must hold {expected}. "
-            f"{TRAIN_HINT[0].upper()}{TRAIN_HINT[1:]}."
-        )
-    if (d / "final" / CONFIG_FILE).is_file() and not (d / CONFIG_FILE).is_file():
-        d = d / "final"  # a training output directory: use its final weights
-    missing = [f for f in EXPECTED_FILES if not (d / f).is_file()]
-    if missing:
-        raise FsdiffError(
-            f"DiffUp checkpoint {d} is incomplete: missing {', '.join(missing)} (a checkpoint holds {expected}); "
-            f"{TRAIN_HINT}."
-        )
-    return d
-
-
-def load_diffup(
-    directory: str | os.PathLike, device: str | torch.device = "cpu"
-) -> tuple[DiffUpConfig, UAPF, UQDD, dict]:
-    """Read a DiffUp checkpoint: (config, UAPF, UQDD, meta) with ``meta['encoder']`` and the provenance."""
-    d = check_checkpoint(directory)
-    try:
-        doc = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FsdiffError(f"{d / CONFIG_FILE} is not valid JSON ({exc}); re-save the checkpoint.") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("config"), dict):
-        raise FsdiffError(
-            f"{d / CONFIG_FILE} is not a DiffUp checkpoint description (format {FORMAT!r}); {TRAIN_HINT}."
-        )
-    known = set(DiffUpConfig.__dataclass_fields__)
-    unknown = sorted(set(doc["config"]) - known)
-    if unknown:
-        raise FsdiffError(
-            f"{d / CONFIG_FILE} has config fields this fsdiff does not know ({', '.join(unknown)}); it was written by "
-            "a newer fsdiff: upgrade fsdiff."
-        )
-    config = DiffUpConfig(**doc["config"])
-    try:
-        # shipped checkpoints store float16 weights (half the size); compute runs in float32
-        uapf = UAPF.from_pretrained(d / "uapf", torch_dtype=torch.float32).to(device).eval()
-        uqdd = UQDD.from_pretrained(d / "uqdd", torch_dtype=torch.float32).to(device).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise FsdiffError(
-            f"cannot load the DiffUp weights in {d} ({str(exc).splitlines()[0]}); re-save or re-train it."
-        ) from None
-    if int(uapf.config.prior_channels) != config.prior_channels:
-        raise FsdiffError(
-            f"{d}: UAPF expects {uapf.config.prior_channels} prior channels but the config gives "
-            f"{config.prior_channels}; the checkpoint is inconsistent, re-save it."
-        )
-    meta = {"encoder": str(doc.get("encoder", "")), **dict(doc.get("provenance") or {})}
-    return config, uapf, uqdd, meta
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Which checkpoint a run gets when it names none (:func:`shipped_checkpoint`):
   ones), so they need ``--checkpoint DIR``; the error says how to train one.
 
 The training commands that reproduce each checkpoint are in docs/BENCHMARKS.md (section DiffUp) and in
-each checkpoint's ``diffup.json`` (``provenance``).
+each checkpoint's ``fsdiff_checkpoint.json`` (``provenance``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fsdiff.checkpoint import INFO_FILE
 from fsdiff.errors import FsdiffError
 
 SHIPPED_FOLDS = (0, 1, 2, 3)
@@ -79,7 +80,7 @@ def shipped_checkpoint(
             f"COCO's classes); {_train_hint(str(dataset), fold)}."
         )
     path = shipped_root() / name
-    if not (path / "diffup.json").is_file():
+    if not (path / INFO_FILE).is_file():
         raise FsdiffError(
             f"the shipped DiffUp checkpoint {name} is missing from this installation ({path}); reinstall fsdiff, "
             f"or {_train_hint(dataset or 'coco', fold)}."
@@ -89,7 +90,7 @@ def shipped_checkpoint(
 
 def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """Copy a DiffUp checkpoint with its weights cast to ``dtype`` (float16 halves the size); atomic."""
-    from fsdiff.methods.diffup.segmenter import load_diffup, save_diffup
+    from fsdiff.methods.diffup.checkpoint import load_diffup, save_diffup
 
     config, uapf, uqdd, meta = load_diffup(src)
     info = dict(meta)

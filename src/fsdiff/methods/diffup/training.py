@@ -71,7 +71,8 @@ from fsdiff.methods.diffup.baft import (
     support_regions,
 )
 from fsdiff.methods.diffup.config import DiffUpConfig
-from fsdiff.methods.diffup.segmenter import rgb_at, rgb_tensor, save_diffup
+from fsdiff.methods.diffup.checkpoint import save_diffup
+from fsdiff.methods.diffup.segmenter import rgb_at, rgb_tensor
 from fsdiff.synth import sample_episode_layout, synthesize_annotation
 from fsdiff.methods.diffup.uqdd import build_models, training_losses
 
@@ -383,7 +384,7 @@ class DiffUpTrainable:
         }
 
     def save(self, directory: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-        """Write the DiffUp checkpoint (``diffup.json``, ``uapf/``, ``uqdd/``) with provenance + ``meta``."""
+        """Write the DiffUp checkpoint (``fsdiff_checkpoint.json``, ``uapf/``, ``uqdd/``) with provenance + ``meta``."""
         info = {**self.provenance(), **dict(meta or {}), "encoder": self.encoder.name}
         return save_diffup(directory, self.config, self.uapf, self.uqdd, info)
 
