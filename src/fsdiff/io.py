@@ -20,6 +20,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import sys
 import warnings
 from collections.abc import Iterator
@@ -370,6 +371,45 @@ def _inside(path: str, root: str) -> bool:
     return path.startswith(root + os.sep) if root != os.sep else path.startswith(os.sep)
 
 
+_REAL_ROOTS: dict[str, tuple[int, int, str]] = {}
+"""realpath of each dataset folder seen, with the (device, inode) it had: reused while the folder is the same."""
+
+
+def _real_root(root_abs: str) -> str:
+    try:
+        st = os.stat(root_abs)
+    except OSError:
+        return os.path.realpath(root_abs)
+    hit = _REAL_ROOTS.get(root_abs)
+    if hit is not None and hit[:2] == (st.st_dev, st.st_ino):
+        return hit[2]
+    real = os.path.realpath(root_abs)
+    _REAL_ROOTS[root_abs] = (st.st_dev, st.st_ino, real)
+    return real
+
+
+def _physically_inside(p_abs: str, root_abs: str) -> tuple[bool, str, str]:
+    """Whether ``p_abs`` (lexically inside ``root_abs``) stays inside it with symlinks resolved; (ok, real, real_root).
+
+    Fast path: if no component below the root is a symlink (one ``lstat`` per component; a missing one ends
+    the walk), the path is physically where it is named. Otherwise both sides are resolved.
+    """
+    real_root = _real_root(root_abs)
+    rel = p_abs[len(root_abs.rstrip(os.sep)) + 1 :]
+    cur = root_abs.rstrip(os.sep)
+    for part in rel.split(os.sep):
+        cur = cur + os.sep + part
+        try:
+            if stat.S_ISLNK(os.lstat(cur).st_mode):
+                break
+        except OSError:
+            return True, p_abs, real_root  # nothing more exists: no link to follow
+    else:
+        return True, p_abs, real_root
+    real = os.path.realpath(p_abs)
+    return _inside(real, real_root), real, real_root
+
+
 def resolve_inside(path: str | os.PathLike, root: str | os.PathLike, what: str) -> Path:
     """Return ``path`` unchanged if it lies inside the folder ``root``; else raise an FsdiffError naming ``what``.
 
@@ -388,8 +428,8 @@ def resolve_inside(path: str | os.PathLike, root: str | os.PathLike, what: str) 
             "the folder and name it relative to it."
         )
     if not follow_symlinks():
-        real, real_root = os.path.realpath(p_abs), os.path.realpath(root_abs)
-        if not _inside(real, real_root):
+        ok, real, real_root = _physically_inside(p_abs, root_abs)
+        if not ok:
             raise FsdiffError(
                 f"{what}: {p_abs} is a symbolic link (or lies under one) that resolves to {real}, outside the "
                 f"dataset folder {real_root}; copy the file into the folder, or set {FOLLOW_SYMLINKS_ENV}=1 if "

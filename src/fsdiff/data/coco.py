@@ -26,6 +26,7 @@ per-class image lists (and so HSNet's sampling) come from HSNet's ``coco/{trn,va
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -414,39 +415,45 @@ class CocoSource(FewShotSource):
         return iid
 
     def _polygons(self, segm: list, h: int, w: int) -> list[list[float]]:
-        """Validated polygons (finite, inside the frame up to the margin, bounded counts and outline length)."""
+        """Validated polygons (finite, inside the frame up to the margin, bounded counts and outline length).
+
+        Plain Python: COCO polygons have ~20 points, where a loop costs less than numpy's per-call overhead.
+        """
         if len(segm) > MAX_POLYGONS.value():
             raise ValueError(f"it has {len(segm):,} polygons, above the limit of {MAX_POLYGONS.value():,} "
                              f"({MAX_POLYGONS.name}; {MAX_POLYGONS.hint()})")
+        max_coords, n_coords = 2 * MAX_POLYGON_POINTS.value(), 0
         margin = max(POLYGON_MARGIN * max(h, w), POLYGON_MARGIN_MIN_PX)
-        max_coords, n_coords, outline = 2 * MAX_POLYGON_POINTS.value(), 0, 0.0
-        polys = []
+        outline, polys = 0.0, []
         for j, p in enumerate(segm):
             if not isinstance(p, list):
                 raise ValueError(f"polygon {j} is a {type(p).__name__}, not a list of x, y numbers")
+            if len(p) % 2 or len(p) < 6:
+                raise ValueError(f"polygon {j} has {len(p)} values; a polygon needs an even number (>= 6) of coordinates")
             n_coords += len(p)
             if n_coords > max_coords:
                 raise ValueError(f"its polygons have more than {max_coords // 2:,} points, the limit "
                                  f"({MAX_POLYGON_POINTS.name}; {MAX_POLYGON_POINTS.hint()})")
             try:
-                arr = np.asarray(p, dtype=np.float64)
+                vals = [float(v) for v in p]
             except (TypeError, ValueError, OverflowError):
                 raise ValueError(f"polygon {j} holds a value that is not a number") from None
-            if arr.ndim != 1 or len(arr) % 2 or len(arr) < 6:
-                raise ValueError(f"polygon {j} has {len(p)} values; a polygon needs an even number (>= 6) of coordinates")
-            if not np.isfinite(arr).all():
+            if not all(map(math.isfinite, vals)):
                 raise ValueError(f"polygon {j} holds a non-finite coordinate (NaN or infinity)")
-            xy = arr.reshape(-1, 2)
-            lo, hi = xy.min(axis=0), xy.max(axis=0)
-            if lo[0] < -margin or lo[1] < -margin or hi[0] > w + margin or hi[1] > h + margin:
-                bad = xy[np.argmax(np.maximum(np.maximum(-xy[:, 0], xy[:, 0] - w), np.maximum(-xy[:, 1], xy[:, 1] - h)))]
+            xs, ys = vals[0::2], vals[1::2]
+            if min(xs) < -margin or min(ys) < -margin or max(xs) > w + margin or max(ys) > h + margin:
+                x, y = max(zip(xs, ys), key=lambda v: max(-v[0], v[0] - w, -v[1], v[1] - h))
                 raise ValueError(
-                    f"polygon {j} has the vertex ({bad[0]:.6g}, {bad[1]:.6g}), outside the {w}x{h} image by more "
-                    f"than the allowed {margin:.0f} pixels (coordinates are pixels of the image, not normalised "
-                    "or of another image)"
+                    f"polygon {j} has the vertex ({x:.6g}, {y:.6g}), outside the {w}x{h} image by more than the "
+                    f"allowed {margin:.0f} pixels (coordinates are pixels of the image, not normalised or of "
+                    "another image)"
                 )
-            outline += float(np.abs(np.diff(xy, axis=0, append=xy[:1])).max(axis=1).sum())
-            polys.append(arr.tolist())
+            px, py = xs[-1], ys[-1]  # outline length as pycocotools walks it: max(|dx|, |dy|) per closed edge
+            for x, y in zip(xs, ys):
+                dx, dy = abs(x - px), abs(y - py)
+                outline += dx if dx > dy else dy
+                px, py = x, y
+            polys.append(vals)
         if outline > MAX_POLYGON_PERIMETER * (w + h):
             raise ValueError(f"its polygon outlines are {outline:,.0f} pixels long, more than {MAX_POLYGON_PERIMETER} "
                              f"times (width + height) of the {w}x{h} image; no real outline is that long")
