@@ -17,7 +17,7 @@ from fsdiff.augment.drift import DriftFilter
 from fsdiff.augment.generate import ControlNetGenerator, GenerationConfig
 from fsdiff.episode import BoxAnnotation, Episode, MaskAnnotation, Query, ScribbleAnnotation, Shot, TextAnnotation
 from fsdiff.errors import FsdiffError
-from fsdiff.methods.base import Segmenter
+from fsdiff.protocol import Segmenter
 
 CFG = GenerationConfig(steps=2, control=ControlConfig(resolution=64))
 
@@ -142,6 +142,7 @@ class ColourSegmenter:
     """Tiny fake segmenter: a query pixel is foreground when nearer the support's fg mean colour than its bg one."""
 
     name = "colour"
+    encoder_name = None
 
     def __init__(self) -> None:
         self.threshold = 0.5

@@ -45,7 +45,7 @@ def test_segment_writes_masks_probs_overlays(tmp_path, capsys):
     code, stdout, err = _run(["segment", "--support", s, "--mask", m, "--query", q, "--out", out], capsys)
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["q_mask.png", "q_overlay.jpg", "q_prob.png"]
+    assert names == ["fsdiff_outputs.jsonl", "q_mask.png", "q_overlay.jpg", "q_prob.png"]
     mask = np.asarray(Image.open(out / "q_mask.png"))
     assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
     prob = np.asarray(Image.open(out / "q_prob.png"))
@@ -63,8 +63,8 @@ def test_segment_two_shots_mask_and_box(tmp_path, capsys):
         capsys,
     )
     assert code == 0, err
-    # two queries with the same stem get distinct file names
-    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"q_mask.png", "q_1_mask.png"}
+    # two queries with the same name get distinct file names
+    assert {p.name for p in (tmp_path / "o").iterdir()} >= {"q_png_mask.png", "q_png_1_mask.png"}
 
 
 @pytest.mark.parametrize(
@@ -75,7 +75,6 @@ def test_segment_two_shots_mask_and_box(tmp_path, capsys):
         (lambda t: ["--support", _photo(t, "s.png"), "--box", "1,2,3", "--query", _photo(t, "q.png")], "four numbers"),
         (lambda t: ["--support", _photo(t, "s.png"), "--box", "0,0,100,10", "--query", _photo(t, "q.png")], "outside the 64x48 image"),
         (lambda t: ["--support", _photo(t, "s.png"), "--query", _photo(t, "q.png")], "no annotation"),
-        (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png"), "--query", _photo(t, "q.png"), "--method", "nope"], "unknown method 'nope'"),
         (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png"), "--query", _photo(t, "q.png"), "--encoder", "resnet-9000"], "unknown encoder 'resnet-9000'"),
     ],
 )
@@ -110,8 +109,16 @@ def test_demo_writes_overlays(tmp_path, capsys):
     code, stdout, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
     assert code == 0, err
     overlays = sorted((tmp_path / "demo").rglob("*_overlay.jpg"))
-    assert len(overlays) == 2
-    assert "IoU" in stdout
+    assert len(overlays) == 5
+    assert (tmp_path / "demo" / "demo.json").is_file() and (tmp_path / "demo" / "contact_sheet.png").is_file()
+    assert "IoU" in stdout and "fish-from-box" in stdout and "mean" in stdout
+    # a second run replaces its own files; a file fsdiff did not write is refused before any work
+    assert _run(["demo", "--out", tmp_path / "demo"], capsys)[0] == 0
+    (tmp_path / "demo" / "contact_sheet.png").unlink()
+    (tmp_path / "demo" / "contact_sheet.png").write_text("mine")
+    code, _, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
+    assert code == 2 and "fsdiff did not write" in err
+    assert (tmp_path / "demo" / "contact_sheet.png").read_text() == "mine"
 
 
 def _user_folder(root):
@@ -138,15 +145,14 @@ def test_eval_on_a_user_folder(tmp_path, capsys):
     assert code == 2 and "needs a benchmark with base classes" in err and not (tmp_path / "cal").exists()
     code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--split", "trn",
                          "--out", tmp_path / "split", "--no-progress"], capsys)
-    assert code == 2 and "--split trn: a folder dataset has no splits" in err and not (tmp_path / "split").exists()
+    assert code == 2 and "--split 'trn': a folder source has no splits" in err and not (tmp_path / "split").exists()
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--fold", "7"], "fold=7 is out of range"),
+        (["--fold", "7"], "--fold 7 is out of range"),
         (["--shots", "500"], "500 support shot(s) were requested"),
-        (["--method", "nope"], "unknown method"),
         (["--calibrate-threshold", "-3"], "--calibrate-threshold -3: give a positive number"),
         (["--calibrate-threshold", "4", "--split", "trn"], "cannot score them too"),
     ],

@@ -14,7 +14,7 @@ import torch
 
 from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
-from fsdiff.methods.base import Segmenter
+from fsdiff.protocol import Segmenter
 
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed: pip install -e '.[diffusion]'")
 pytest.importorskip("transformers", reason="the diffusion extra is not installed: pip install -e '.[diffusion]'")

@@ -23,7 +23,7 @@ from fsdiff.episode import (
     TextAnnotation,
 )
 from fsdiff.errors import FsdiffError
-from fsdiff.methods.base import Segmenter
+from fsdiff.protocol import Segmenter
 from fsdiff.methods.diffup import DiffUpConfig
 from fsdiff.methods.diffup.checkpoint import EXPECTED_FILES, load_diffup, save_diffup
 from fsdiff.methods.diffup.segmenter import DiffUpSegmenter, build_diffup

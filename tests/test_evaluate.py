@@ -19,7 +19,7 @@ from fsdiff.evaluate import (
     summarize_seeds,
     write_report,
 )
-from fsdiff.methods.base import Segmenter
+from fsdiff.protocol import Segmenter
 from fsdiff.metrics import FssMeter, resize_for_scoring
 
 I = 255
@@ -32,6 +32,7 @@ class FakeSegmenter:
 
     def __init__(self, mode: str = "perfect", threshold: float = 0.5, fail_at: int | None = None):
         self.name = f"fake-{mode}"
+        self.encoder_name = None
         self.mode = mode
         self.threshold = threshold
         self.fail_at = fail_at

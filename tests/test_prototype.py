@@ -17,8 +17,8 @@ from fsdiff.episode import (
 )
 from fsdiff.errors import FsdiffError
 from fsdiff.features import FeatureCache, build_encoder
-from fsdiff.methods import METHODS, build_method
-from fsdiff.methods.base import Segmenter
+from fsdiff.methods import build_method, method_names
+from fsdiff.protocol import Segmenter
 from fsdiff.methods.prototype import PrototypeSegmenter
 
 SIZE = 128  # small input for fast unit tests
@@ -133,7 +133,7 @@ def test_each_image_is_encoded_once_and_results_are_deterministic(encoder):
 
 
 def test_registry_and_argument_errors(encoder):
-    assert "prototype" in METHODS.names()
+    assert "prototype" in method_names()
     m = build_method("prototype", encoder=encoder, size=SIZE, levels=[2])
     assert isinstance(m, PrototypeSegmenter) and m.levels == (2,)
     with pytest.raises(FsdiffError, match="prototype"):

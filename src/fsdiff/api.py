@@ -1,115 +1,91 @@
-"""The Python API that the ``fsdiff`` command mirrors: build episodes from files, segment, evaluate, demo.
+"""The Python API that the ``fsdiff`` command and the web app call: load shots and queries (from files, PIL
+images or arrays), build a :class:`Segmenter` once and reuse it, segment, evaluate, train, demo.
 
-Every function validates all of its inputs before it writes anything, and every file it writes is
-written atomically, so bad input never leaves partial output behind.
+``fsdiff.api.Segmenter`` is the pipeline a front end runs (support step -> DifFSS augmentation -> method ->
+refinement, :mod:`fsdiff.pipeline`), built by method name; it satisfies :class:`fsdiff.protocol.Segmenter`.
+Every function validates its inputs before it writes anything; errors are :class:`~fsdiff.errors.FsdiffError`
+naming the argument (in Python terms) and what to do.
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from fsdiff.episode import (
-    Annotation,
-    BoxAnnotation,
-    Episode,
-    MaskAnnotation,
-    PointsAnnotation,
-    Query,
-    ScribbleAnnotation,
-    Shot,
-)
+from fsdiff.benchmark import open_source, test_split
+from fsdiff.episode import Annotation, Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
-from fsdiff.io import IGNORE, read_image, read_mask
-from fsdiff.metrics import binary_iou
-from fsdiff.output import WrittenPrediction, unique_stems, write_prediction
+from fsdiff.inputs import ClassValue, ImageLike, describe, to_box, to_image, to_mask, to_points, to_scribble
+from fsdiff.output import OutputFolder, WrittenPrediction
+from fsdiff.pipeline import Pipeline
 
 DEFAULT_METHOD = "prototype"
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
+
+__all__ = ["DEFAULT_METHOD", "SegmentResult", "Segmenter", "build_segmenter", "demo", "evaluate_benchmark",
+           "load_query", "load_shot", "open_source", "parse_class_value", "segment", "test_split", "train"]
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    """Parse ``"x0,y0,x1,y1"`` into four floats, or raise an FsdiffError naming --box."""
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        values = tuple(float(p) for p in parts)
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise FsdiffError(f"--box {text!r}: expected four numbers x0,y0,x1,y1 in pixels, e.g. --box 10,20,200,180.")
-    return values  # type: ignore[return-value]
-
-
-def parse_class_value(text: str | None) -> int | tuple[int, int, int] | None:
-    """Parse ``--class-value``: one integer label, or an R,G,B colour."""
+def parse_class_value(text: str | int | Sequence[int] | None) -> ClassValue:
+    """A class value: one integer label, or an R,G,B colour (``"192,128,128"`` or a 3-sequence)."""
     if text is None:
         return None
-    parts = str(text).split(",")
+    parts = str(text).split(",") if isinstance(text, (str, int)) else list(text)
     try:
         values = [int(p) for p in parts]
-    except ValueError:
+    except (TypeError, ValueError):
         values = []
     if len(values) == 1 and 0 <= values[0] <= 65535:
         return values[0]
     if len(values) == 3 and all(0 <= v <= 255 for v in values):
         return (values[0], values[1], values[2])
-    raise FsdiffError(f"--class-value {text!r}: expected one label value (e.g. 15) or a colour R,G,B (e.g. 192,128,128).")
+    raise FsdiffError(f"class_value={text!r}: expected one label value (e.g. 15) or a colour R,G,B (e.g. 192,128,128).")
 
 
 def load_shot(
-    image: str | os.PathLike,
+    image: ImageLike,
     *,
-    mask: str | os.PathLike | None = None,
+    mask: ImageLike | None = None,
     box: str | Sequence[float] | None = None,
-    scribble: str | os.PathLike | None = None,
-    points: Sequence[tuple[float, float, int]] | None = None,
-    class_value: int | tuple[int, int, int] | None = None,
+    scribble: ImageLike | None = None,
+    points: Sequence[Sequence[float]] | None = None,
+    class_value: ClassValue = None,
+    name: str | None = None,
 ) -> Shot:
-    """Read one support image and exactly one annotation (mask, box, scribble or points) into a Shot."""
+    """One support image (path, PIL image or array) and exactly one annotation into a Shot.
+
+    ``mask``: path, PIL image or array (bool or labels); ``box``: ``(x0, y0, x1, y1)`` in pixels or
+    ``"x0,y0,x1,y1"``; ``scribble``: strokes (1/255 object, 2/128 background); ``points``: ``[(x, y, label)]``.
+    """
     given = [n for n, v in (("mask", mask), ("box", box), ("scribble", scribble), ("points", points)) if v is not None]
-    if len(given) > 1:
-        raise FsdiffError(f"support {image}: give one annotation, got {' and '.join('--' + g for g in given)}.")
-    img = read_image(image)
+    label = name or describe(image)
+    if len(given) != 1:
+        what = f"got {' and '.join(given)}" if given else "got none"
+        raise FsdiffError(f"support {label}: give exactly one annotation (mask, box, scribble or points), {what}.")
+    img = to_image(image, f"support {label}")
     ann: Annotation
     if mask is not None:
-        ann = MaskAnnotation(read_mask(mask, class_value=class_value))
+        ann = MaskAnnotation(to_mask(mask, class_value, f"mask of support {label}"))
     elif box is not None:
-        ann = BoxAnnotation(parse_box(box) if isinstance(box, str) else tuple(float(v) for v in box))  # type: ignore[arg-type]
+        ann = to_box(box, f"box of support {label}")
     elif scribble is not None:
-        ann = ScribbleAnnotation.from_array(np.asarray(read_image(scribble)).max(axis=2))
-    elif points is not None:
-        pts = np.asarray([(p[0], p[1]) for p in points], np.float64)
-        labels = np.asarray([p[2] for p in points], np.int64)
-        ann = PointsAnnotation(pts, labels)
+        ann = to_scribble(scribble, f"scribble of support {label}")
     else:
-        raise FsdiffError(
-            f"support {image}: no annotation; follow --support with --mask PNG, --box x0,y0,x1,y1 or --scribble PNG."
-        )
-    return Shot(img, ann, image_id=str(image))
+        ann = to_points(points, f"points of support {label}")  # type: ignore[arg-type]
+    return Shot(img, ann, image_id=label)
 
 
-def load_query(image: str | os.PathLike, *, gt: str | os.PathLike | None = None, class_value=None) -> Query:
-    """Read one query image (and optionally its ground-truth mask) into a Query."""
-    return Query(read_image(image), None if gt is None else read_mask(gt, class_value=class_value), image_id=str(image))
-
-
-def build_segmenter(method: str = DEFAULT_METHOD, *, encoder: str | None = None, benchmark: dict | None = None,
-                    **kwargs):
-    """Build a segmenter by name, optionally with another frozen encoder.
-
-    ``benchmark`` ({dataset, fold, convention}) goes to every method's factory: one with shipped weights
-    (diffup) picks the checkpoint that never saw that fold's test classes; the others ignore it.
-    """
-    from fsdiff.methods import build_method
-
-    if encoder is not None:
-        kwargs["encoder"] = encoder
-    return build_method(method, benchmark=benchmark, **kwargs)
+def load_query(image: ImageLike, *, gt: ImageLike | None = None, class_value: ClassValue = None,
+               name: str | None = None) -> Query:
+    """One query image (path, PIL image or array) and optionally its ground-truth mask into a Query."""
+    label = name or describe(image)
+    truth = None if gt is None else to_mask(gt, class_value, f"ground truth of query {label}")
+    return Query(to_image(image, f"query {label}"), truth, image_id=label)
 
 
 @dataclass(frozen=True)
@@ -122,271 +98,198 @@ class SegmentResult:
     files: WrittenPrediction | None
 
 
-def segment(
-    shots: Sequence[Shot],
-    queries: Sequence[Query],
-    *,
-    class_name: str = "object",
-    method: str = DEFAULT_METHOD,
-    encoder: str | None = None,
-    out: str | os.PathLike | None = None,
-    segmenter=None,
-) -> list[SegmentResult]:
-    """Segment every query given the support shots; write masks, probabilities and overlays to ``out``."""
-    episode = Episode(class_id=0, class_name=class_name, shots=tuple(shots), queries=tuple(queries))
-    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
-    probs = seg.predict(episode)
-    results = []
-    out_dir = Path(out) if out is not None else None
-    stems = unique_stems([q.image_id or f"query{i}" for i, q in enumerate(queries)])
-    for q, prob, stem in zip(queries, probs, stems):
-        files = write_prediction(out_dir, stem, q.image, prob, seg.threshold) if out_dir is not None else None
-        results.append(SegmentResult(q.image_id, prob, prob > seg.threshold, files))
-    return results
-
-
-@dataclass(frozen=True)
-class DemoResult:
-    """One bundled example: its name, the written files and the IoU against the reference mask."""
-
-    name: str
-    annotation: str
-    query: str
-    iou: float
-    files: WrittenPrediction
-
-
-def demo(
-    out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD, encoder: str | None = None, segmenter=None
-) -> list[DemoResult]:
-    """Segment the bundled example images with the default offline method and write overlays."""
-    manifest = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder)
-    results = []
-    out_dir = Path(out)
-    for ep in manifest["episodes"]:
-        shots = []
-        for s in ep["support"]:
-            kwargs = {"mask": EXAMPLES_DIR / s["mask"]} if "mask" in s else {"box": s["box"]}
-            shots.append(load_shot(EXAMPLES_DIR / s["image"], **kwargs))
-        queries = [load_query(EXAMPLES_DIR / q["image"], gt=EXAMPLES_DIR / q["reference_mask"]) for q in ep["queries"]]
-        ep_out = out_dir / ep["name"]
-        for q, r in zip(queries, segment(shots, queries, class_name=ep["class_name"], out=ep_out, segmenter=seg)):
-            assert r.files is not None
-            results.append(DemoResult(ep["name"], shots[0].annotation.kind, Path(q.image_id).name, binary_iou(r.mask, q.gt == 1, q.gt != IGNORE), r.files))
-    return results
-
-
-def _episode_runs(specs: list, protocol: str, seeds: list[int]) -> list[tuple[int, list]]:
-    """Split sampled episode specs into (seed, specs) runs (BAM lists hold 5 runs, ids ``r<run>-<i>``)."""
-    if protocol != "bam":
-        return [(seeds[0], specs)]
-    runs: dict[str, list] = {}
-    for s in specs:
-        runs.setdefault(s.episode_id.split("-", 1)[0], []).append(s)
-    return list(zip(seeds, runs.values()))
-
-
-def test_split(dataset: str) -> str:
-    """The split a benchmark scores by default: FSS-1000's ``test``, every other benchmark's ``val``."""
-    return "test" if dataset == "fss1000" else "val"
-
-
-def open_source(
-    dataset: str,
-    root: str | os.PathLike,
-    *,
-    fold: int | None = 0,
-    split: str | None = None,
-    ann: str | os.PathLike | None = None,
-    splits_dir: str | os.PathLike | None = None,
-    convention: str = "interleaved",
-):
-    """Open a data source the way the CLI names it (``split`` defaults to the benchmark's test split)."""
-    from fsdiff.data import build_source
-
-    if split is None:
-        split = test_split(dataset)
-    kwargs: dict = {"root": root, "fold": fold, "split": split}
-    if dataset == "coco":
-        kwargs["convention"] = convention
-        if ann is not None:  # --root is then the image folder
-            kwargs.update(ann=ann, images=kwargs.pop("root"))
-    elif ann is not None:
-        raise FsdiffError(f"--ann is only used with --dataset coco, not {dataset}.")
-    if dataset in ("pascal", "fss1000"):
-        kwargs["splits_dir"] = splits_dir
-    if dataset == "folder":
-        kwargs.pop("split")
-    return build_source(dataset, **kwargs)
-
-
-def with_augmentation(
-    segmenter,
-    spec: str,
-    *,
-    cache: str | os.PathLike | None = None,
-    model: str | os.PathLike | None = None,
-    controlnet: str | os.PathLike | None = None,
-    per_shot: str = "first",
-    steps: int | None = None,
-    resolution: int = 512,
-    seed: int = 0,
-):
-    """Wrap ``segmenter`` with DifFSS auxiliary supports, e.g. ``spec='hed:4'`` (models load on the first cache miss)."""
-    from fsdiff.augment.augmenter import AugmentedSegmenter, Augmenter
+def _augmenter(spec: str, options: Mapping[str, Any]):
+    """A DifFSS Augmenter for ``spec`` (e.g. ``'hed:4'``); its models load on the first cache miss."""
+    from fsdiff.augment.augmenter import Augmenter
     from fsdiff.augment.controls import parse_condition
     from fsdiff.augment.generate import GenerationConfig, load_generator
 
+    opts = dict(options)
+    unknown = sorted(set(opts) - {"cache", "model", "controlnet", "per_shot", "steps", "resolution", "seed"})
+    if unknown:
+        raise FsdiffError(f"augment_options {unknown}: unknown; use cache, model, controlnet, per_shot, steps, "
+                          "resolution, seed.")
     kind, _n = parse_condition(spec)
-    config = GenerationConfig(seed=seed).replace(resolution=int(resolution))
-    if steps is not None:
-        config = config.replace(steps=int(steps))
-    gen = load_generator(kind, model=model, controlnet=controlnet, cache=cache, config=config, lazy=True)
-    return AugmentedSegmenter(segmenter, Augmenter(gen, spec, per_shot=per_shot))
+    config = GenerationConfig(seed=int(opts.get("seed", 0))).replace(resolution=int(opts.get("resolution", 512)))
+    if opts.get("steps") is not None:
+        config = config.replace(steps=int(opts["steps"]))
+    gen = load_generator(kind, model=opts.get("model"), controlnet=opts.get("controlnet"), cache=opts.get("cache"),
+                         config=config, lazy=True)
+    return Augmenter(gen, spec, per_shot=opts.get("per_shot", "first"))
 
 
-def _calibrate(seg, dataset, root, *, fold, shots, n, ann, splits_dir, convention, support_annotation="mask") -> dict:
-    """Choose ``seg.threshold`` on ``n`` HSNet-protocol episodes (seed 1) of the fold's base classes.
+class Segmenter(Pipeline):
+    """A segmentation method built once by name, with its models loaded once, reused for any number of calls.
 
-    The supports are converted to ``support_annotation`` exactly as in the scored episodes.
+    ``method``: a registered method (``fsdiff.methods.method_names()``); ``encoder``: swap the frozen
+    encoder; ``checkpoint``: trained weights; ``threshold``: the decision threshold (default the method's);
+    ``benchmark`` ({dataset, fold, convention}): lets a method with shipped weights pick the checkpoint
+    blind to that fold's classes; ``augment`` (``'hed:4'``) with ``augment_options`` (cache, model,
+    controlnet, per_shot, steps, resolution, seed): DifFSS generated supports; ``options``: the method's own.
     """
-    from fsdiff.data.sampler import build_episode, sample_episodes
-    from fsdiff.evaluate import choose_threshold
-    from fsdiff.synth import convert_supports
 
-    base = open_source(dataset, root, fold=fold, split="trn", ann=ann, splits_dir=splits_dir, convention=convention)
-    base.classes = [(c, name) for c, name in base.classes if len(base.images_of_class(c)) > shots]
-    specs = sample_episodes(base, "hsnet", n, shots, 1)
-    names = {c: base.class_name(c) for c in base.class_ids()}
-    episodes = (convert_supports(build_episode(base, spec, names.get(spec.class_id)), support_annotation, 1)
-                for spec in specs)
-    threshold = choose_threshold(seg, episodes)
-    return {"split": "trn", "episodes": n, "seed": 1, "threshold": threshold, "support_annotation": support_annotation}
+    def __init__(self, method: str = DEFAULT_METHOD, *, encoder: str | None = None,
+                 checkpoint: str | os.PathLike | None = None, threshold: float | None = None,
+                 benchmark: Mapping[str, Any] | None = None, augment: str | None = None,
+                 augment_options: Mapping[str, Any] | None = None, **options: Any) -> None:
+        from fsdiff.methods import build_method
+
+        if encoder is not None:
+            options["encoder"] = encoder
+        if checkpoint is not None:
+            options["checkpoint"] = checkpoint
+        built = build_method(method, benchmark=benchmark, **options)
+        super().__init__(built, augmenter=_augmenter(augment, augment_options or {}) if augment else None)
+        self.method_name = method
+        if threshold is not None:
+            self.threshold = _check_threshold(threshold)
+
+    @classmethod
+    def from_method(cls, method: Any) -> "Segmenter":
+        """A Segmenter around an already built method object (any :class:`fsdiff.protocol.Segmenter`)."""
+        if isinstance(method, Segmenter):
+            return method
+        seg = cls.__new__(cls)
+        Pipeline.__init__(seg, method)
+        seg.method_name = str(getattr(method, "name", type(method).__name__))
+        return seg
+
+    def iter_segment(self, shots: Sequence[Shot], queries: Iterable[Query | ImageLike], *, class_name: str = "object",
+                     out: str | os.PathLike | None = None, formats: Sequence[str] = ("png",), overlay: bool = True,
+                     overwrite: bool = False, progress: bool = False) -> Iterator[SegmentResult]:
+        """Segment ``queries`` one at a time (loaded lazily, so memory does not grow with their number)."""
+        items = list(queries)
+        if not items:
+            raise FsdiffError("queries: no query image given; pass at least one.")
+        names = [_query_name(q, i) for i, q in enumerate(items)]
+        folder = OutputFolder(out, names, formats=formats, overlay=overlay, overwrite=overwrite) if out is not None \
+            else None
+        first = _as_query(items[0], names[0])
+        prepared = self.prepare(Episode(class_id=0, class_name=class_name, shots=tuple(shots), queries=(first,)))
+        bar = _progress(len(items), progress)
+        try:
+            for i, item in enumerate(items):
+                query = first if i == 0 else _as_query(item, names[i])
+                prob = self.predict_prepared(self.with_queries(prepared, (query,)))[0]
+                files = folder.write(i, query.image, prob, self.threshold) if folder is not None else None
+                bar.update(1)
+                yield SegmentResult(names[i], prob, prob > self.threshold, files)
+        finally:
+            bar.close()
+            if folder is not None and folder.done:
+                folder.finish(class_name)
+
+    def segment(self, shots: Sequence[Shot], queries: Iterable[Query | ImageLike], **kwargs: Any) -> list[SegmentResult]:
+        """Every query's result (see :meth:`iter_segment` for the keyword arguments)."""
+        return list(self.iter_segment(shots, queries, **kwargs))
 
 
-def evaluate_benchmark(
-    dataset: str,
-    root: str | os.PathLike,
-    *,
-    fold: int = 0,
-    shots: int = 1,
-    method: str = DEFAULT_METHOD,
-    encoder: str | None = None,
-    ann: str | os.PathLike | None = None,
-    splits_dir: str | os.PathLike | None = None,
-    convention: str = "interleaved",
-    protocol: str = "hsnet",
-    episodes: int | None = None,
-    seeds: Sequence[int] | None = None,
-    resolution: str | int = "original",
-    episode_list: str | os.PathLike | None = None,
-    save_episodes: str | os.PathLike | None = None,
-    skip_small_classes: bool = False,
-    calibrate_threshold: int = 0,
-    support_annotation: str = "mask",
-    split: str | None = None,
-    out: str | os.PathLike | None = None,
-    progress: bool = True,
-    segmenter=None,
-) -> tuple[dict, str]:
-    """Score a method on one benchmark fold; write summary.json and per_class.csv to ``out``.
+def _check_threshold(value: Any) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not 0.0 < t < 1.0:
+        raise FsdiffError(f"threshold={value!r}: must be a number strictly between 0 and 1 (e.g. 0.5).")
+    return t
 
-    Returns the summary dict (``miou``/``fbiou`` in percent, mean and std over seeds) and the text table.
-    ``calibrate_threshold=N`` first sets the segmenter's threshold to the one maximising mIoU on N episodes
-    of the fold's *base* (training) classes, so the novel test classes are never used to tune it.
-    ``support_annotation`` = box or scribble replaces every support mask by a box / scribble synthesised
-    from it (:func:`fsdiff.synth.convert_supports`; the same for every method).
-    ``split``: whose images and classes (default: the benchmark's test split and the fold's novel classes);
-    ``"trn"`` scores the fold's *base* classes instead, a validation set for choosing a training-free
-    method's settings without looking at the test classes (a method trained on the fold has seen them).
+
+def _query_name(item: Query | ImageLike, index: int) -> str:
+    """A query's name in outputs: its image id or path, else ``query<index>``."""
+    if isinstance(item, Query):
+        return item.image_id or f"query{index}"
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"query{index}"
+
+
+def _as_query(item: Query | ImageLike, name: str) -> Query:
+    return item if isinstance(item, Query) else load_query(item, name=name)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="segment", unit="query", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def build_segmenter(method: str = DEFAULT_METHOD, *, encoder: str | None = None,
+                    benchmark: Mapping[str, Any] | None = None, **kwargs: Any) -> Segmenter:
+    """A :class:`Segmenter` by name (kept for scripts written against earlier fsdiff versions)."""
+    return Segmenter(method, encoder=encoder, benchmark=benchmark, **kwargs)
+
+
+def segment(shots: Sequence[Shot], queries: Iterable[Query | ImageLike], *, class_name: str = "object",
+            method: str = DEFAULT_METHOD, encoder: str | None = None, out: str | os.PathLike | None = None,
+            segmenter: Segmenter | None = None, **kwargs: Any) -> list[SegmentResult]:
+    """Segment every query given the support shots (a new :class:`Segmenter` unless one is passed)."""
+    queries = list(queries)
+    if out is not None:  # refuse a bad output folder before any model loads
+        OutputFolder(out, [_query_name(q, i) for i, q in enumerate(queries)],
+                     formats=kwargs.get("formats", ("png",)), overlay=kwargs.get("overlay", True),
+                     overwrite=kwargs.get("overwrite", False))
+    seg = Segmenter.from_method(segmenter) if segmenter is not None else Segmenter(method, encoder=encoder)
+    return seg.segment(shots, queries, class_name=class_name, out=out, **kwargs)
+
+
+def evaluate_benchmark(dataset: str, root: str | os.PathLike, *, method: str = DEFAULT_METHOD,
+                       encoder: str | None = None, segmenter: Segmenter | None = None, fold: int = 0,
+                       **kwargs: Any) -> tuple[dict, str]:
+    """Score a method on one benchmark fold (see :func:`fsdiff.benchmark.evaluate_benchmark` for the options).
+
+    Without ``segmenter`` one is built for the benchmark, so a method with shipped weights picks the
+    checkpoint that never saw this fold's classes.
     """
-    from fsdiff.data.sampler import bam_seeds, build_episode, episode_meta, load_episode_list, sample_episodes, save_episode_list
-    from fsdiff.evaluate import evaluate, format_table, summarize_seeds, write_report
-    from fsdiff.metrics import check_resolution
+    from fsdiff.benchmark import evaluate_benchmark as run
 
-    from fsdiff.synth import SUPPORT_ANNOTATIONS, convert_supports
+    if segmenter is None:
+        bench = {"dataset": dataset, "fold": fold, "convention": kwargs.get("convention") or "interleaved"}
+        segmenter = Segmenter(method, encoder=encoder, benchmark=bench)
+    return run(Segmenter.from_method(segmenter), dataset, root, fold=fold, **kwargs)
 
-    resolution = check_resolution(resolution)
-    if support_annotation not in SUPPORT_ANNOTATIONS:
-        raise FsdiffError(f"--support-annotation {support_annotation!r}: use one of {', '.join(SUPPORT_ANNOTATIONS)}.")
-    if isinstance(shots, bool) or int(shots) < 1:
-        raise FsdiffError(f"--shots {shots}: the number of support shots must be a positive integer.")
-    if protocol not in ("hsnet", "bam"):
-        raise FsdiffError(f"--protocol {protocol!r}: use 'hsnet' or 'bam'.")
-    if calibrate_threshold:
-        if isinstance(calibrate_threshold, bool) or int(calibrate_threshold) < 1:
-            raise FsdiffError(f"--calibrate-threshold {calibrate_threshold}: give a positive number of validation "
-                              "episodes (or 0 for no calibration).")
-        if dataset == "folder":
-            raise FsdiffError("--calibrate-threshold needs a benchmark with base classes (coco, pascal, fss1000), "
-                              "not a folder.")
-        if split == "trn":
-            raise FsdiffError("--calibrate-threshold tunes on the base (trn) classes, so it cannot score them too; "
-                              "drop --calibrate-threshold or --split trn.")
-    if split is not None and dataset == "folder":
-        raise FsdiffError(f"--split {split}: a folder dataset has no splits; drop --split.")
-    source = open_source(dataset, root, fold=fold, split=split, ann=ann, splits_dir=splits_dir, convention=convention)
-    skipped: list[str] = []
-    if skip_small_classes:
-        keep = [(c, n) for c, n in source.classes if len(source.images_of_class(c)) > shots]
-        skipped = [n for c, n in source.classes if (c, n) not in keep]
-        if not keep:
-            raise FsdiffError(f"no class of {dataset} fold {fold} has more than {shots} images; lower --shots.")
-        source.classes = keep
-    bench = dict(dataset=dataset, fold=fold, convention=convention)
-    seg = segmenter if segmenter is not None else build_segmenter(method, encoder=encoder, benchmark=bench)
-    calibrated = None
-    if calibrate_threshold:
-        calibrated = _calibrate(seg, dataset, root, fold=fold, shots=shots, n=int(calibrate_threshold), ann=ann,
-                                splits_dir=splits_dir, convention=convention, support_annotation=support_annotation)
-    class_ids = source.class_ids()
-    names = {c: source.class_name(c) for c in class_ids}
 
-    if episode_list is not None:
-        specs, list_meta = load_episode_list(episode_list)
-        if int(list_meta.get("shots", shots)) != shots:
-            raise FsdiffError(f"--episode-list {episode_list} holds {list_meta['shots']}-shot episodes but --shots is {shots}.")
-        run_seeds = list(list_meta["seed"]) if isinstance(list_meta.get("seed"), list) else [list_meta.get("seed")]
-        runs = _episode_runs(specs, str(list_meta.get("protocol", protocol)), run_seeds)
-    else:
-        if protocol == "bam":
-            base = 123 if not seeds else int(seeds[0])
-            specs = sample_episodes(source, "bam", episodes, shots, base)
-            run_seeds = bam_seeds(base)
-            runs = _episode_runs(specs, "bam", run_seeds)
-            list_seed: object = base
-        else:
-            run_seeds = list(seeds) if seeds else [0]
-            runs = [(s, sample_episodes(source, "hsnet", episodes, shots, s)) for s in run_seeds]
-            specs = [sp for _, r in runs for sp in r]
-            list_seed = run_seeds if len(run_seeds) > 1 else run_seeds[0]
-        if save_episodes is not None:
-            if protocol == "hsnet" and len(run_seeds) > 1:
-                raise FsdiffError("--save-episodes stores one run; give a single --seeds value (or use --protocol bam).")
-            save_episode_list(save_episodes, specs, episode_meta(source, protocol, shots, list_seed))
+def train(method: str, dataset: str, root: str | os.PathLike, out: str | os.PathLike, *, fold: int | None = 0,
+          all_classes: bool = False, config: Mapping[str, Any] | None = None, input_size: int | None = None,
+          ann: str | os.PathLike | None = None, splits_dir: str | os.PathLike | None = None,
+          convention: str | None = None, **options: Any):
+    """Train ``method`` on a benchmark's base classes (``all_classes=True``: every class) into ``out``.
 
-    results = []
-    for seed, run in runs:
-        eps = (convert_supports(build_episode(source, spec, names.get(spec.class_id)), support_annotation, seed or 0)
-               for spec in run)
-        results.append(evaluate(seg, eps, class_ids, names, resolution=resolution, progress=progress))
-    summary = summarize_seeds(results, [s for s, _ in runs])
-    meta = {
-        "dataset": dataset,
-        "fold": fold,
-        "shots": shots,
-        "method": method if segmenter is None else getattr(seg, "name", method),
-        "encoder": getattr(seg, "encoder_name", encoder),
-        "episodes": len(runs[0][1]),
-        "protocol": protocol,
-        "resolution": resolution,
-        "convention": convention if dataset == "coco" else None,
-        "classes_skipped": skipped,
-        "support_annotation": support_annotation,
-        "split": split if split is not None else test_split(dataset),
-        "threshold_calibrated_on": calibrated,
-    }
-    if out is not None:
-        write_report(out, summary, None, meta)
-    return {**meta, **summary}, format_table(summary)
+    Mirrors ``fsdiff train``: ``config`` overrides fields of the method's training config (``input_size`` is
+    one of them); the method's model options (``fsdiff.methods.method_spec(m).model_options``, e.g. DiffUp's
+    ``encoder``, DiffSeg's ``prior``/``decoder``) and the trainer's (``steps``, ``batch_size``, ``lr``,
+    ``warmup``, ``save_every``, ``seed``, ``num_threads``, ``mixed_precision``, ``progress``) are keywords.
+    Re-running with the same ``out`` resumes from its latest checkpoint. Returns :class:`fsdiff.train.TrainResult`.
+    """
+    from fsdiff.methods import load_object, method_spec, trainable_methods
+
+    spec = method_spec(method)
+    if spec.trainer is None:
+        raise FsdiffError(f"method {method!r} is training-free; trainable methods: {', '.join(trainable_methods())}.")
+    fields = dict(config or {})
+    for opt in spec.model_options:
+        if opt.target == "config" and options.get(opt.name) is not None:
+            fields = _merge_field(fields, opt.field or opt.name, options.pop(opt.name), opt.name)
+    fields = _merge_field(fields, "input_size", input_size, "input_size")
+    cfg = spec.make_config(**fields)
+    split = "trn" if test_split(dataset) is not None else None  # a folder has no splits: all of it
+    source = open_source(dataset, root, fold=None if all_classes else fold, split=split, ann=ann,
+                         splits_dir=splits_dir, convention=convention)
+    trainer = load_object(spec.trainer)
+    return trainer(source, out, config=cfg, **{k: v for k, v in options.items() if v is not None})
+
+
+def _merge_field(fields: dict, key: str, value: Any, name: str) -> dict:
+    """``fields`` with ``key`` set from a dedicated argument; a conflicting config entry is an error."""
+    if value is None:
+        return fields
+    if key in fields and fields[key] != value:
+        raise FsdiffError(f"{name}={value!r} disagrees with the config's {key} ({fields[key]!r}); give one of them.")
+    return {**fields, key: value}
+
+
+def demo(out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD, encoder: str | None = None,
+         segmenter: Segmenter | None = None, overwrite: bool = False) -> list:
+    """Run the bundled demo (:func:`fsdiff.demo.run_demo`): one class from a mask, box, scribble, clicks and
+    5 shots; returns one :class:`fsdiff.demo.DemoRecord` per case (IoU in percent)."""
+    from fsdiff.demo import run_demo
+
+    seg = segmenter if segmenter is not None else Segmenter(method, encoder=encoder)
+    return run_demo(out, seg, overwrite=overwrite)

@@ -1,4 +1,4 @@
-"""The evaluation loop and its report (METHODS.md §1.3).
+"""The evaluation loop and its report (docs/METHODS.md §1.3).
 
 Reproduces the test loops of HSNet ``test.py`` (one meter per run, queries scored with
 ``Evaluator.classify_prediction`` and pooled per class by ``AverageMeter``) and BAM ``test.py``
@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,8 @@ from fsdiff.episode import Episode
 from fsdiff.errors import FsdiffError
 from fsdiff.io import atomic_path
 from fsdiff.jsonutil import dumps
-from fsdiff.methods.base import Segmenter
-from fsdiff.metrics import FssMeter, Resolution, check_resolution, mean_std, resize_for_scoring
+from fsdiff.protocol import Segmenter
+from fsdiff.metrics import FssMeter, Resolution, check_resolution, iou_percent, mean_std, resize_for_scoring
 
 STD_CONVENTION = "sample standard deviation over seeds (ddof=1; 0 for a single seed)"
 META_KEYS = ("dataset", "fold", "shots", "method", "encoder", "episodes", "protocol", "resolution")
@@ -49,6 +49,35 @@ class EvalResult:
     class_names: dict[int, str] = field(default_factory=dict)
     resolution: Resolution = "original"
     threshold: float = 0.5
+    meter: FssMeter | None = None
+    """The summed intersections and unions behind the scores (what processes merge)."""
+
+
+EpisodeCallback = Callable[[Episode, list[np.ndarray], list[float]], None]
+"""Called after each scored episode with its probability maps (query size) and each query's foreground IoU."""
+
+
+def result_from_meter(meter: FssMeter, class_names: Mapping[int, str], *, n_episodes: int, seconds: float,
+                      resolution: Resolution, threshold: float) -> EvalResult:
+    """The scores of a meter (several processes' meters merged first give the single-process scores)."""
+    names = {c: str(class_names.get(c, c)) for c in meter.class_ids}
+    return EvalResult(
+        miou=meter.miou(), fbiou=meter.fbiou(), per_class_iou=meter.per_class_iou(), n_episodes=n_episodes,
+        seconds=seconds, episodes_per_second=n_episodes / seconds if seconds > 0 else 0.0,
+        n_queries=meter.n_updates, per_class_queries=meter.per_class_counts(), class_names=names,
+        resolution=resolution, threshold=threshold, meter=meter,
+    )
+
+
+def merge_results(results: Sequence[EvalResult]) -> EvalResult:
+    """One result from several processes' results on disjoint episodes (wall time: the slowest process)."""
+    first = results[0]
+    meter = FssMeter(first.meter.class_ids)
+    for r in results:
+        meter.merge(r.meter)
+    return result_from_meter(meter, first.class_names, n_episodes=sum(r.n_episodes for r in results),
+                             seconds=max(r.seconds for r in results), resolution=first.resolution,
+                             threshold=first.threshold)
 
 
 def _threshold_of(segmenter: Any) -> float:
@@ -73,12 +102,19 @@ def evaluate(
     class_names: dict[int, str],
     resolution: Resolution = "original",
     progress: bool = True,
+    total: int | None = None,
+    on_episode: EpisodeCallback | None = None,
 ) -> EvalResult:
-    """Run ``segmenter`` on every episode and score each query's ``prob > threshold`` mask per class."""
+    """Run ``segmenter`` on every episode and score each query's ``prob > threshold`` mask per class.
+
+    ``total``: the number of episodes, for the progress bar's ETA when ``episodes`` has no length.
+    ``on_episode``: called after each episode (see :data:`EpisodeCallback`), e.g. to keep the best and worst.
+    """
     resolution = check_resolution(resolution)
     meter = FssMeter(class_ids)
     threshold = _threshold_of(segmenter)
-    total = len(episodes) if hasattr(episodes, "__len__") else None  # type: ignore[arg-type]
+    if total is None and hasattr(episodes, "__len__"):
+        total = len(episodes)  # type: ignore[arg-type]
     name = getattr(segmenter, "name", type(segmenter).__name__)
     bar = tqdm(episodes, total=total, desc=f"eval {name}", unit="ep", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
@@ -110,33 +146,24 @@ def evaluate(
                 raise FsdiffError(
                     f"{label}: segmenter {name!r} returned {got} probability maps for {len(ep.queries)} queries."
                 )
+            ious = []
             for q, (query, prob) in enumerate(zip(ep.queries, probs)):
                 prob = np.asarray(prob) if not isinstance(prob, np.ndarray) else prob
                 try:
                     prob_s, gt_s = resize_for_scoring(prob, query.gt, resolution)
                 except FsdiffError as exc:
                     raise FsdiffError(f"{label}, query {query.image_id or q}: {exc}") from None
-                meter.update(ep.class_id, prob_s > threshold, gt_s)
+                inter, union = meter.update(ep.class_id, prob_s > threshold, gt_s)
+                ious.append(iou_percent(inter[1], union[1]))
+            if on_episode is not None:
+                on_episode(ep, list(probs), ious)
             n_episodes += 1
             if progress:
                 bar.set_postfix(mIoU=f"{meter.miou():.2f}", FB=f"{meter.fbiou():.2f}", refresh=False)
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
-    names = {c: str(class_names.get(c, c)) for c in meter.class_ids}
-    return EvalResult(
-        miou=meter.miou(),
-        fbiou=meter.fbiou(),
-        per_class_iou=meter.per_class_iou(),
-        n_episodes=n_episodes,
-        seconds=seconds,
-        episodes_per_second=n_episodes / seconds if seconds > 0 else 0.0,
-        n_queries=meter.n_updates,
-        per_class_queries=meter.per_class_counts(),
-        class_names=names,
-        resolution=resolution,
-        threshold=threshold,
-    )
+    return result_from_meter(meter, class_names, n_episodes=n_episodes, seconds=time.perf_counter() - start,
+                             resolution=resolution, threshold=threshold)
 
 
 def summarize_seeds(results: list[EvalResult], seeds: Sequence[int]) -> dict:

@@ -95,7 +95,7 @@ def open_image(path: str | os.PathLike, what: str = "image", max_pixels: int | N
     return _open(path, what, max_pixels)
 
 
-def _sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
+def sixteen_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
     """Scale a 16-bit (or 32-bit integer) array to 0..255."""
     arr = arr.astype(np.float64)
     top = 65535.0 if arr.max(initial=0) > 255 else 255.0
@@ -106,7 +106,7 @@ def image_to_rgb_array(img: Image.Image) -> np.ndarray:
     """Convert a decoded PIL image (any mode, EXIF-rotated first) to an RGB uint8 array."""
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        gray = _sixteen_bit_to_uint8(np.asarray(img))
+        gray = sixteen_bit_to_uint8(np.asarray(img))
         return np.repeat(gray[:, :, None], 3, axis=2)
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
@@ -247,7 +247,25 @@ def read_mask(
     max_pixels: int | None = None,
 ) -> np.ndarray:
     """Read a mask file as a {0, 1, 255} uint8 array for one class (see :func:`mask_from_array`)."""
-    img = _open(path, "mask", max_pixels)
+    return mask_from_pil(
+        _open(path, "mask", max_pixels), class_value=class_value, source=f"mask {path}", max_pixels=max_pixels
+    )
+
+
+def mask_from_pil(
+    img: Image.Image,
+    *,
+    class_value: int | tuple[int, int, int] | None = None,
+    source: str = "mask",
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """A PIL mask image as a {0, 1, 255} uint8 array for one class (see :func:`mask_from_array`).
+
+    Its size is checked against ``max_pixels`` (default :data:`~fsdiff.limits.MAX_IMAGE_PIXELS`) before it
+    is decoded. An image decoded from a JPEG (``img.format``) that is not exactly binary is refused with a
+    "re-save as PNG" hint.
+    """
+    check_image_size(img.width, img.height, source, max_pixels)
     palette = img.mode == "P"
     if img.mode == "1":
         arr = np.asarray(img.convert("L")) // 255
@@ -262,9 +280,7 @@ def read_mask(
         arr = np.asarray(img).astype(np.int64)
     else:
         arr = np.asarray(img.convert("L"))
-    return mask_from_array(
-        arr, class_value=class_value, source=f"mask {path}", palette=palette, lossy=img.format == "JPEG"
-    )
+    return mask_from_array(arr, class_value=class_value, source=source, palette=palette, lossy=img.format == "JPEG")
 
 
 def read_label(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:

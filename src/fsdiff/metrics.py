@@ -206,6 +206,15 @@ class FssMeter:
         self.counts[i] += 1
         return inter, union
 
+    def merge(self, other: "FssMeter") -> "FssMeter":
+        """Add another meter's counts over the same classes (e.g. another process's share of the episodes)."""
+        if other.class_ids != self.class_ids:
+            raise FsdiffError(f"cannot merge meters over different classes: {self.class_ids} vs {other.class_ids}.")
+        self.inter += other.inter
+        self.union += other.union
+        self.counts += other.counts
+        return self
+
     @property
     def n_updates(self) -> int:
         """Number of queries scored so far."""

@@ -17,7 +17,7 @@ with 255 kept, as DifFSS-BAM does; a box or scribble support reuses its box or s
 * Text-only supports cannot be augmented (no spatial control): an episode whose augmented shots include one
   raises an FsdiffError; an episode with no shots is returned unchanged.
 
-:class:`AugmentedSegmenter` wraps any :class:`~fsdiff.methods.base.Segmenter`; its name is
+:class:`AugmentedSegmenter` wraps any :class:`~fsdiff.protocol.Segmenter`; its name is
 ``'<method>+<condition>:<n>'`` (e.g. ``prototype+hed:4``) and its threshold is the wrapped one's.
 """
 
@@ -33,7 +33,7 @@ from fsdiff.errors import FsdiffError
 
 if TYPE_CHECKING:  # pragma: no cover
     from fsdiff.augment.drift import DriftFilter, DriftReport
-    from fsdiff.methods.base import Segmenter
+    from fsdiff.protocol import Segmenter
 
 PER_SHOT = ("first", "all")
 FILL = ("none", "real")
@@ -170,6 +170,11 @@ class AugmentedSegmenter:
     @threshold.setter
     def threshold(self, value: float) -> None:
         self.segmenter.threshold = value
+
+    @property
+    def encoder_name(self) -> str | None:
+        """The wrapped segmenter's encoder."""
+        return getattr(self.segmenter, "encoder_name", None)
 
     def predict(self, episode: Episode) -> list[np.ndarray]:
         """The wrapped segmenter's probabilities on the augmented episode."""

@@ -6,7 +6,7 @@ object no longer lines up with that mask, mostly for small or scattered objects)
 per-image drift scores (higher = better aligned) and a filter built on them:
 
 * ``segment`` (:func:`segment_score`): segment the generated image with the real support as the 1-shot
-  support, using any :class:`~fsdiff.methods.base.Segmenter` (default: ``build_method('prototype')``), and score
+  support, using any :class:`~fsdiff.protocol.Segmenter` (default: ``build_method('prototype')``), and score
   IoU(prob > segmenter.threshold, reused mask), ignore pixels (255) excluded. For a box/scribble/points
   support the "mask" is the annotation's foreground region (the box, or the strokes), so scores are only
   comparable between images of the same support.
@@ -48,7 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from fsdiff.augment.generate import GeneratedImage, Generator
-    from fsdiff.methods.base import Segmenter
+    from fsdiff.protocol import Segmenter
 
 SCORES = ("segment", "separability")
 DEFAULT_THRESHOLDS = {"segment": 0.5, "separability": 0.8}

@@ -34,11 +34,34 @@ class FewShotSource(abc.ABC):
     'class_random' draws a class, then a query image of it (COCO)."""
     default_episodes: int | None = None
     """Episodes per fold in the HSNet protocol; None means one per query item (FSS-1000)."""
+    test_split: str | None = "val"
+    """The split a benchmark scores by default (None: the source has no splits)."""
+    open_options: tuple[str, ...] = ()
+    """Which benchmark options (``ann``, ``splits_dir``, ``convention``) :meth:`open` passes on to this source."""
 
     classes: list[tuple[int, str]]
 
     def __init__(self) -> None:
         self.classes = []
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, *, fold: int | None = 0, split: str | None = None,
+             **options: object) -> "FewShotSource":
+        """The source as a benchmark names it: ``split`` defaults to :attr:`test_split`; an option the source
+        does not take (see :attr:`open_options`) is an error rather than silently ignored."""
+        given = {k: v for k, v in options.items() if v is not None}
+        bad = sorted(set(given) - set(cls.open_options))
+        if bad:
+            takes = ", ".join(cls.open_options) or "none of them"
+            raise FsdiffError(f"{', '.join(bad)}: not used by the {cls.name} source (of ann, splits_dir, convention "
+                              f"it takes {takes}); drop it.")
+        if split is not None and cls.test_split is None:
+            raise FsdiffError(f"split={split!r}: a {cls.name} source has no splits; leave split unset.")
+        return cls._open(root, fold=fold, split=split or cls.test_split, **given)
+
+    @classmethod
+    def _open(cls, root: str | os.PathLike, *, fold: int | None, split: str | None, **options: object) -> "FewShotSource":
+        return cls(root=root, fold=fold, split=split, **options)  # type: ignore[call-arg]
 
     # -- the interface ---------------------------------------------------------------------
     @abc.abstractmethod

@@ -125,6 +125,14 @@ class CocoSource(FewShotSource):
     name = "coco"
     hsnet_query_mode = "class_random"
     default_episodes = 1000
+    open_options = ("ann", "convention", "splits_dir")
+
+    @classmethod
+    def _open(cls, root, *, fold, split, ann=None, **options) -> "CocoSource":
+        """With ``ann`` (the instances json) ``root`` is the image folder, else the folder holding both."""
+        if ann is not None:
+            return cls(ann=ann, images=root, fold=fold, split=split, **options)
+        return cls(root=root, fold=fold, split=split, **options)
 
     def __init__(
         self,

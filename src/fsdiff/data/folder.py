@@ -39,6 +39,11 @@ class FolderSource(FewShotSource):
     name = "folder"
     hsnet_query_mode = "cycle"
     default_episodes = None
+    test_split = None
+
+    @classmethod
+    def _open(cls, root, *, fold, split, **options) -> "FolderSource":
+        return cls(root=root, fold=fold, **options)
 
     def __init__(
         self,

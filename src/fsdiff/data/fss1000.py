@@ -44,6 +44,8 @@ class Fss1000Source(FewShotSource):
     name = "fss1000"
     hsnet_query_mode = "cycle"
     default_episodes = None
+    test_split = "test"
+    open_options = ("splits_dir",)
 
     def __init__(
         self,

@@ -63,6 +63,7 @@ class PascalSource(FewShotSource):
     name = "pascal"
     hsnet_query_mode = "cycle"
     default_episodes = 1000
+    open_options = ("splits_dir",)
 
     def __init__(
         self,

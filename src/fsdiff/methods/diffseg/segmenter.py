@@ -1,5 +1,5 @@
 """DiffSeg segmenters (DiffSeg §4, Eq. (8)-(11); METHODS.md §3.6 "Inference"): the Segmenter protocol of
-fsdiff.methods.base on top of :class:`~fsdiff.methods.diffseg.model.DiffSegModel`.
+fsdiff.protocol on top of :class:`~fsdiff.methods.diffseg.model.DiffSegModel`.
 
 * ``diffseg-prior`` (:class:`DiffSegPriorSegmenter`): training-free. The attention prior M_a (Eq. 11; one
   Kandinsky UNet pass per query with the k-shot mean CLIP embedding of the masked supports) is upsampled
@@ -81,6 +81,11 @@ class _DiffSegBase(abc.ABC):
         """The model's configuration."""
         return self.model.config
 
+    @property
+    def encoder_name(self) -> str:
+        """The frozen image encoder: the CLIP vision tower of the Kandinsky 2.2 prior it loads."""
+        return str(self.config.prior_model)
+
     def _default_threshold(self) -> float:
         return float(self.config.threshold)
 
@@ -149,4 +154,28 @@ class DiffSegSegmenter(_DiffSegBase):
         return out.prob
 
 
-__all__ = ["DiffSegPriorSegmenter", "DiffSegSegmenter"]
+
+
+def status():
+    """Whether ``diffseg-prior`` runs here: the Kandinsky 2.2 prior and decoder in the local folders or cache."""
+    from fsdiff.diffusion.loading import local_status
+    from fsdiff.methods import WeightsStatus
+
+    cfg = DiffSegConfig()
+    found = [local_status(cfg.prior_model, "kandinsky-prior"), local_status(cfg.decoder_model, "kandinsky-decoder")]
+    missing = [hint for ok, hint in found if not ok]
+    if missing:
+        return WeightsStatus(False, "\n".join(missing))
+    return WeightsStatus(True, "Kandinsky 2.2 prior and decoder: " + ", ".join(where for _, where in found))
+
+
+def trained_status():
+    """Whether ``diffseg`` runs here: the Kandinsky 2.2 weights, plus a checkpoint trained by the user."""
+    from fsdiff.methods import WeightsStatus
+
+    base = status()
+    note = "it also needs PAM/SCM weights trained with `fsdiff train diffseg` (checkpoint=DIR); none are shipped"
+    return WeightsStatus(False, f"{base.detail}\n{note}" if not base.ready else note)
+
+
+__all__ = ["DiffSegPriorSegmenter", "DiffSegSegmenter", "status", "trained_status"]

@@ -176,6 +176,11 @@ class DiffUpSegmenter:
         self.text = text_model
         self.cache = cache if cache is not None else FeatureCache()
 
+    @property
+    def encoder_name(self) -> str:
+        """The frozen encoder's name (the checkpoint's, unless another was swapped in)."""
+        return self.encoder.name
+
     # ------------------------------------------------------------------------------------------------
     def _features(self, images: Sequence[np.ndarray]) -> list[list[torch.Tensor]]:
         feats = self.cache.features(self.encoder, list(images), self.config.input_size)
