@@ -475,7 +475,7 @@ def test_all_255_masks_are_refused(tmp_path):
 
 
 def test_missing_episode_list_names_the_command_that_writes_one(tmp_path):
-    with pytest.raises(FsdiffError, match=rf"episode list {tmp_path / 'none.json'} not found.*--save-episodes FILE"):
+    with pytest.raises(FsdiffError, match=rf"episode list {tmp_path / 'none.json'} not found; write one with save_episodes=FILE"):
         load_episode_list(tmp_path / "none.json")
 
 

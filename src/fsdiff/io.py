@@ -194,8 +194,8 @@ def mask_from_array(
         else:
             if not (isinstance(class_value, tuple) and len(class_value) == 3):
                 raise FsdiffError(
-                    f"{source} is a colour-coded mask; pass the class colour as class_value=(R, G, B) "
-                    "(CLI: --class-value 128,0,0) or save the mask as a class-index or binary PNG."
+                    f"{source} is a colour-coded mask; pass the class colour as class_value=R,G,B "
+                    "(e.g. class_value=128,0,0) or save the mask as a class-index or binary PNG."
                 )
             fg = np.all(arr == np.asarray(class_value, dtype=arr.dtype), axis=2)
             return fg.astype(np.uint8)
@@ -228,11 +228,11 @@ def mask_from_array(
         shown = sorted(values)[:12]
         raise FsdiffError(
             f"{source} is a class-index or palette mask (values {shown}); choose the class with "
-            "class_value=N, the label value of the class to segment (CLI: --class-value N)."
+            "class_value=N (the label value of the class to segment)."
         )
     if isinstance(class_value, tuple):
         raise FsdiffError(
-            f"{source} is a single-channel mask; give class_value as one integer (CLI: --class-value N), not a colour."
+            f"{source} is a single-channel mask; give class_value=N as one integer, not a colour."
         )
     out = np.zeros(arr.shape, np.uint8)
     out[arr == class_value] = 1

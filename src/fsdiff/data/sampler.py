@@ -266,8 +266,8 @@ def load_episode_list(path: str | os.PathLike) -> tuple[list[EpisodeSpec], dict]
     what = f"episode list {p}"
     if not p.exists():
         raise FsdiffError(
-            f"{what} not found; write one with save_episode_list() (CLI: `fsdiff eval ... --save-episodes FILE` "
-            "saves the episodes it samples)."
+            f"{what} not found; write one with save_episodes=FILE, which saves the episodes an evaluation "
+            "samples (fsdiff.data.save_episode_list() for your own)."
         )
     data = read_json(p, "episode list", fix="re-create the file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
