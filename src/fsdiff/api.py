@@ -72,11 +72,11 @@ def load_shot(
     if mask is not None:
         ann = MaskAnnotation(to_mask(mask, class_value, f"mask of support {label}"))
     elif box is not None:
-        ann = to_box(box, f"box of support {label}")
+        ann = to_box(box, f"support {label}: ")
     elif scribble is not None:
         ann = to_scribble(scribble, f"scribble of support {label}")
     else:
-        ann = to_points(points, f"points of support {label}")  # type: ignore[arg-type]
+        ann = to_points(points, f"support {label}: ")  # type: ignore[arg-type]
     return Shot(img, ann, image_id=label)
 
 

@@ -110,9 +110,13 @@ class WrittenPrediction:
 
 def coco_rle(mask: np.ndarray) -> dict:
     """The COCO RLE (``{'size': [h, w], 'counts': str}``) of a binary mask."""
+    import warnings
+
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    with warnings.catch_warnings():  # pycocotools vs numpy 2's copy= keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
