@@ -33,7 +33,7 @@ from fsdiff.data import (
     build_episode,
     load_episode_list,
 )
-from fsdiff.data.sampler import EpisodeSpec, save_episode_list
+from fsdiff.data.sampler import EpisodeSpec, sample_episodes, save_episode_list
 from fsdiff.episode import BoxAnnotation, MaskAnnotation, Shot
 from fsdiff.errors import FsdiffError
 from fsdiff.io import (
@@ -325,6 +325,25 @@ def test_json_size_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("FSDIFF_MAX_JSON_BYTES", "lots")
     with pytest.raises(FsdiffError, match="FSDIFF_MAX_JSON_BYTES='lots' is not a positive integer"):
         read_json(path, "x")
+
+
+def test_sampling_bounds(tmp_path):
+    src = FolderSource(_folder_for_sampling(tmp_path))
+    with pytest.raises(FsdiffError, match=r"n_episodes=2000000 exceeds the limit of 1,000,000 episodes \(MAX_EPISODES\)"):
+        sample_episodes(src, "hsnet", 2_000_000, 1)
+    with pytest.raises(FsdiffError, match=r"shots=5000 exceeds the limit of 1,000 shots"):
+        sample_episodes(src, "hsnet", 3, 5000)
+    assert len(sample_episodes(src, "hsnet", 3, 1)) == 3
+
+
+def _folder_for_sampling(root: Path) -> Path:
+    for i in range(3):
+        _jpg(root / "images" / f"x{i}.jpg")
+        (root / "masks").mkdir(exist_ok=True)
+        m = np.zeros((48, 64), np.uint8)
+        m[5:20, 5:20] = 255
+        Image.fromarray(m).save(root / "masks" / f"x{i}.png")
+    return root
 
 
 def test_episode_list_bounds(tmp_path, monkeypatch):

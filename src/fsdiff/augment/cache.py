@@ -253,7 +253,7 @@ def _locked(entry: Path, exclusive: bool, blocking: bool = True) -> Iterator[boo
         if not exclusive:  # a read-only cache (e.g. shared, mounted ro) can still be read
             yield True
             return
-        raise FsdiffError(f"cache folder {entry} is not writable ({exc.strerror}); pick a writable --cache-dir.") from None
+        raise FsdiffError(f"cache folder {entry} is not writable ({exc.strerror}); pick a writable cache folder.") from None
     try:
         flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         if not blocking:
@@ -336,11 +336,11 @@ class GenerationCache:
     def __init__(self, root: str | os.PathLike, *, verify: bool = True, durable: bool = True) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise FsdiffError(f"cache root {self.root} exists and is not a folder (it is a file); pick another --cache-dir.")
+            raise FsdiffError(f"cache root {self.root} exists and is not a folder (it is a file); pick another cache folder.")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FsdiffError(f"cannot create cache folder {self.root}: {exc.strerror}; pick a writable --cache-dir.") from None
+            raise FsdiffError(f"cannot create cache folder {self.root}: {exc.strerror}; pick a writable cache folder.") from None
         self._marked = (self.root / MARKER_NAME).is_file()
         if not self._marked and not any(self.root.iterdir()):
             self._marked = _write_marker(self.root)  # a new cache; a folder with content is marked on first put

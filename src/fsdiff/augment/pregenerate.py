@@ -156,7 +156,7 @@ def _use_cache(generator: Generator, cache: GenerationCache | str | os.PathLike 
     current = getattr(generator, "cache", None)
     if cache is None:
         if current is None:
-            raise FsdiffError("pre-generation needs a cache: pass cache=GenerationCache(folder) (CLI: --cache-dir).")
+            raise FsdiffError("pre-generation needs a cache: pass cache=<folder> or a GenerationCache.")
         return current
     if current is None:
         generator.cache = cache
@@ -274,16 +274,16 @@ def _existing_cache(cache: GenerationCache | str | os.PathLike) -> GenerationCac
     path = Path(cache)
     if path.exists() and not path.is_dir():
         raise FsdiffError(
-            f"cache {cache} is a file, not a folder; give the cache folder that `fsdiff augment generate` wrote."
+            f"cache {cache} is a file, not a folder; give the cache folder that pre-generation wrote."
         )
     if not path.is_dir():
         raise FsdiffError(
-            f"cache folder {cache} does not exist; give the --cache folder that `fsdiff augment generate` wrote."
+            f"cache folder {cache} does not exist; give the cache folder that pre-generation wrote."
         )
     if not is_generation_cache(path):
         raise FsdiffError(
             f"folder {cache} is not a DifFSS generation cache (no {MARKER_NAME} marker, and it holds other things "
-            "than the cache's two-hex-digit entry folders); give the cache folder that `fsdiff augment generate` wrote."
+            "than the cache's two-hex-digit entry folders); give the cache folder that pre-generation wrote."
         )
     return GenerationCache(cache)
 

@@ -37,7 +37,7 @@ from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
 from fsdiff.io import atomic_path, read_json
 from fsdiff.jsonutil import dumps
-from fsdiff.limits import MAX_EPISODES, MAX_KEY_CHARS, MAX_SHOTS
+from fsdiff.limits import MAX_EPISODES, MAX_KEY_CHARS, MAX_SHOTS, check_count
 
 PROTOCOLS = ("hsnet", "bam")
 HSNET_SEED = 0
@@ -74,7 +74,7 @@ def _not_enough(source: FewShotSource, class_id: int, pool: list[str], query: st
 def _check_shots(shots: object) -> int:
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or int(shots) < 0:
         raise FsdiffError(f"shots={shots!r} must be a non-negative integer (1 or 5 in the benchmarks).")
-    return int(shots)
+    return check_count(shots, "shots", MAX_SHOTS)
 
 
 def _hsnet(source: FewShotSource, n_episodes: int | None, shots: int, seed: int) -> list[EpisodeSpec]:
@@ -188,11 +188,14 @@ def sample_episodes(
 
     hsnet: ``seed`` defaults to 0, ``n_episodes`` to the source's default (1000 for PASCAL and COCO,
     one per query image for FSS-1000 and folders). bam: ``seed`` (default 123) draws ``runs`` run
-    seeds; each run gives ``n_episodes`` (default 1000) episodes with ids ``r<run>-<index>``.
+    seeds; each run gives ``n_episodes`` (default 1000) episodes with ids ``r<run>-<index>``. Bounds:
+    :data:`fsdiff.limits.MAX_EPISODES` episodes per run, :data:`~fsdiff.limits.MAX_SHOTS` shots.
     """
     shots = _check_shots(shots)
     if n_episodes is not None and (isinstance(n_episodes, bool) or int(n_episodes) < 1):
         raise FsdiffError(f"n_episodes={n_episodes!r} must be a positive integer.")
+    if n_episodes is not None:
+        check_count(n_episodes, "n_episodes", MAX_EPISODES, minimum=1)
     if protocol == "hsnet":
         n = None if n_episodes is None else int(n_episodes)
         return _hsnet(source, n, shots, HSNET_SEED if seed is None else int(seed))
