@@ -84,5 +84,5 @@ def test_layout_errors(tmp_path: Path) -> None:
 def test_non_binary_mask(tmp_path: Path) -> None:
     _pair(tmp_path, "a")
     Image.fromarray(np.arange(12 * 16, dtype=np.uint8).reshape(12, 16)).save(tmp_path / "masks" / "a.png")
-    with pytest.raises(FsdiffError, match="class-value"):
+    with pytest.raises(FsdiffError, match="class_value="):
         FolderSource(root=tmp_path).load("a", 0)

@@ -98,7 +98,7 @@ def _palette_png(path, arr):
 def test_palette_mask_needs_a_class(tmp_path):
     arr = np.array([[0, 15, 15], [255, 3, 0]])
     _palette_png(tmp_path / "p.png", arr)
-    with pytest.raises(FsdiffError, match=r"p\.png.*class-index or palette.*--class-value"):
+    with pytest.raises(FsdiffError, match=r"p\.png.*class-index or palette.*class_value=N"):
         read_mask(tmp_path / "p.png")
     out = read_mask(tmp_path / "p.png", class_value=15)
     np.testing.assert_array_equal(out, np.array([[0, 1, 1], [255, 0, 0]], np.uint8))

@@ -22,6 +22,10 @@ from fsdiff.io import IGNORE
 
 ANNOTATION_KINDS = ("mask", "box", "scribble", "points", "text")
 
+NORMALISED_BOX_MIN_SIDE = 8
+"""A box whose coordinates all lie in [-1, 1] is refused as normalised on images with a side above this
+many pixels (a box in pixels that small is a 1-pixel box on a real photo, never intended)."""
+
 
 def check_image(image: np.ndarray, source: str) -> None:
     """Raise unless ``image`` is an RGB uint8 array (H, W, 3)."""
@@ -88,6 +92,12 @@ class MaskAnnotation(Annotation):
 
     def validate(self, shape: tuple[int, int], source: str) -> None:
         counts = check_label(self.mask, shape, source)
+        if counts[IGNORE] == self.mask.size:
+            raise FsdiffError(
+                f"{source}: every pixel of the support mask is 255, the ignore label, so it marks no pixel of "
+                "the class; use 1 for the object and 0 for background (a 0/255 file mask read with "
+                "fsdiff.io.read_mask needs some 0 background), or drop this support."
+            )
         if counts[1] == 0:
             raise FsdiffError(
                 f"{source}: the support mask is empty (no pixel of the class); annotate the object, "
@@ -111,8 +121,16 @@ class BoxAnnotation(Annotation):
             x0, y0, x1, y1 = (float(v) for v in self.box)
         except (TypeError, ValueError):
             raise FsdiffError(f"{source}: a box is four numbers x0,y0,x1,y1, got {self.box!r}.") from None
+        if not all(np.isfinite((x0, y0, x1, y1))):
+            raise FsdiffError(f"{source}: box {tuple(self.box)} holds a non-finite number; give four pixel coordinates.")
         if not (x1 > x0 and y1 > y0):
             raise FsdiffError(f"{source}: box {self.box} is empty; it needs x1 > x0 and y1 > y0.")
+        if max(abs(x0), abs(y0), abs(x1), abs(y1)) <= 1 and max(h, w) > NORMALISED_BOX_MIN_SIDE:
+            raise FsdiffError(
+                f"{source}: box {tuple(self.box)} looks normalised (every value <= 1), but boxes are in pixels "
+                f"of the {w}x{h} image; multiply x by {w} and y by {h} (e.g. "
+                f"{x0 * w:g},{y0 * h:g},{x1 * w:g},{y1 * h:g})."
+            )
         if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
             raise FsdiffError(
                 f"{source}: box {tuple(self.box)} lies (partly) outside the {w}x{h} image; "

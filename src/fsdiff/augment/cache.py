@@ -7,6 +7,7 @@ entry can be reused by any run that asks for the same thing.
 Layout::
 
     root/
+      fsdiff-cache.json      marker: this folder is a generation cache (format name and version)
       ab/abcdef.../          one entry per key (first two hex digits fan out the folders)
         image.png            the generated image (RGB, lossless)
         control.png          the control map it was generated from (optional)
@@ -22,6 +23,15 @@ files. Writers of the same key are serialised by an exclusive ``fcntl.flock`` on
 take a shared lock, and cleanup only touches entries whose lock it can take without waiting; on
 systems without ``fcntl`` the protocol still guarantees that a committed record matches its files
 for deterministic writers, and :meth:`GenerationCache.get` verifies checksums.
+
+A cache may come from elsewhere (a shared folder, an upload), so nothing in it is trusted: a record is
+read only if it is at most :data:`fsdiff.limits.MAX_CACHE_RECORD_BYTES` of valid JSON whose files are the
+plain names ``image.png`` / ``control.png``; every file must resolve inside the cache folder
+(:func:`fsdiff.io.resolve_inside`; a symlink out of it is refused); PNGs are bounded by
+:data:`fsdiff.limits.MAX_IMAGE_PIXELS` before decoding; lock files are opened without following links.
+Temporary files are created with mode 0666 minus the umask (:func:`fsdiff.io.temp_beside`). A folder is
+recognised as a cache by its marker file (written when a cache is created or first written to), or, for
+caches made before the marker existed, by holding only fan-out folders (:func:`is_generation_cache`).
 """
 
 from __future__ import annotations
@@ -33,7 +43,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -44,6 +53,8 @@ import numpy as np
 from PIL import Image
 
 from fsdiff.errors import FsdiffError
+from fsdiff.io import open_image, resolve_inside, temp_beside
+from fsdiff.limits import MAX_CACHE_RECORD_BYTES
 
 try:  # POSIX only
     import fcntl
@@ -57,8 +68,14 @@ RECORD_NAME = "meta.json"
 IMAGE_NAME = "image.png"
 CONTROL_NAME = "control.png"
 LOCK_NAME = ".lock"
+MARKER_NAME = "fsdiff-cache.json"
+"""The file that marks a folder as a generation cache."""
+MARKER_FORMAT = "fsdiff-generation-cache"
+FILE_NAMES = {"image": IMAGE_NAME, "control": CONTROL_NAME}
+"""The only files a record may name, by role."""
 _TMP_SUFFIX = ".tmp"
 _KEY_RE = re.compile(r"^[0-9a-f]{16,128}$")
+_FAN_RE = re.compile(r"^[0-9a-f]{2}$")
 
 KEY_FIELDS: tuple[str, ...] = (
     "image_sha256", "mask_sha256", "class_name", "condition", "model_ids", "steps", "guidance",
@@ -209,8 +226,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
+    """Write ``data`` to ``path`` atomically: temp file in the same folder (umask permissions), fsync, ``os.replace``."""
+    fd, tmp = temp_beside(path, _TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -231,12 +248,12 @@ def _locked(entry: Path, exclusive: bool, blocking: bool = True) -> Iterator[boo
         return
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        fd = os.open(entry / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(entry / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as exc:
         if not exclusive:  # a read-only cache (e.g. shared, mounted ro) can still be read
             yield True
             return
-        raise FsdiffError(f"cache folder {entry} is not writable ({exc.strerror}); pick a writable --cache-dir.") from None
+        raise FsdiffError(f"cache folder {entry} is not writable ({exc.strerror}); pick a writable cache folder.") from None
     try:
         flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         if not blocking:
@@ -252,6 +269,29 @@ def _locked(entry: Path, exclusive: bool, blocking: bool = True) -> Iterator[boo
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
+
+
+def is_generation_cache(root: str | os.PathLike) -> bool:
+    """Whether ``root`` is a generation cache: it holds the marker, or (older caches) only fan-out folders."""
+    root = Path(root)
+    if (root / MARKER_NAME).is_file():
+        return True
+    try:
+        children = [p for p in root.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return False
+    return bool(children) and all(_FAN_RE.match(p.name) and p.is_dir() and not p.is_symlink() for p in children)
+
+
+def _write_marker(root: Path) -> bool:
+    """Write the cache marker into ``root`` (best effort: a read-only folder stays unmarked); whether it exists."""
+    if (root / MARKER_NAME).is_file():
+        return True
+    with contextlib.suppress(OSError):
+        text = json.dumps({"format": MARKER_FORMAT, "version": CACHE_FORMAT_VERSION}) + "\n"
+        _write_bytes(root / MARKER_NAME, text.encode("utf-8"))
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,11 +336,14 @@ class GenerationCache:
     def __init__(self, root: str | os.PathLike, *, verify: bool = True, durable: bool = True) -> None:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
-            raise FsdiffError(f"cache root {self.root} exists and is not a folder; pick another --cache-dir.")
+            raise FsdiffError(f"cache root {self.root} exists and is not a folder (it is a file); pick another cache folder.")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise FsdiffError(f"cannot create cache folder {self.root}: {exc.strerror}; pick a writable --cache-dir.") from None
+            raise FsdiffError(f"cannot create cache folder {self.root}: {exc.strerror}; pick a writable cache folder.") from None
+        self._marked = (self.root / MARKER_NAME).is_file()
+        if not self._marked and not any(self.root.iterdir()):
+            self._marked = _write_marker(self.root)  # a new cache; a folder with content is marked on first put
         self.verify = verify
         self.durable = durable
         self._hits = 0
@@ -318,26 +361,36 @@ class GenerationCache:
     def _entry_dirs(self) -> Iterator[Path]:
         """Every entry folder under the root, committed or not, in sorted order."""
         for fan in sorted(self.root.iterdir()) if self.root.is_dir() else ():
-            if not fan.is_dir() or len(fan.name) != 2:
+            if not fan.is_dir() or fan.is_symlink() or len(fan.name) != 2:
                 continue
             for entry in sorted(fan.iterdir()):
-                if entry.is_dir() and _KEY_RE.match(entry.name) and entry.name[:2] == fan.name:
+                if entry.is_dir() and not entry.is_symlink() and _KEY_RE.match(entry.name) and entry.name[:2] == fan.name:
                     yield entry
 
     # -- reading -------------------------------------------------------------------------------
 
     @staticmethod
     def _read_record(entry: Path) -> dict | None:
-        """The entry's record if it is present and well-formed, else None."""
+        """The entry's record if it is present and well-formed (bounded size, plain file names), else None."""
+        path = entry / RECORD_NAME
         try:
-            rec = json.loads((entry / RECORD_NAME).read_text(encoding="utf-8"))
+            if path.stat().st_size > MAX_CACHE_RECORD_BYTES.value():
+                return None
+            rec = json.loads(path.read_bytes())
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return None
         if not isinstance(rec, dict) or rec.get("key") != entry.name or not isinstance(rec.get("files"), dict):
             return None
+        for role, info in rec["files"].items():
+            if not isinstance(info, dict) or FILE_NAMES.get(role) is None or info.get("name") != FILE_NAMES[role]:
+                return None
         return rec
+
+    def _file(self, entry: Path, name: str) -> Path:
+        """``entry/name``, refused (FsdiffError) if it resolves outside the cache folder (a symlink out)."""
+        return resolve_inside(entry / name, self.root, f"cache file {name} of entry {entry.name[:16]}…")
 
     def _problems(self, entry: Path, rec: dict) -> list[str]:
         """Integrity problems of one committed entry (missing files, checksum or size mismatches)."""
@@ -348,10 +401,14 @@ class GenerationCache:
             out.append(f"{entry}: record lists no image")
         for role, info in rec["files"].items():
             name = info.get("name") if isinstance(info, dict) else None
-            if not name or "/" in name or name.startswith("."):
-                out.append(f"{entry}: bad file entry for {role}: {info!r}")
+            if name != FILE_NAMES.get(role):
+                out.append(f"{entry}: bad file entry for {role}: {str(info)[:80]!r}")
                 continue
-            p = entry / name
+            try:
+                p = self._file(entry, name)
+            except FsdiffError as exc:
+                out.append(str(exc))
+                continue
             if not p.is_file():
                 out.append(f"{entry}: {role} file {name} is missing")
                 continue
@@ -368,8 +425,7 @@ class GenerationCache:
             info = rec["files"].get(role)
             if info is None:
                 return None
-            with Image.open(entry / info["name"]) as im:
-                im.load()
+            with open_image(self._file(entry, info["name"]), f"cached {role}") as im:
                 return np.asarray(im).copy()
 
         return CachedItem(
@@ -447,7 +503,10 @@ class GenerationCache:
         except (TypeError, ValueError) as exc:
             raise FsdiffError(f"cache meta for {key[:12]}… must be JSON-serialisable (finite numbers): {exc}.") from None
 
+        if not self._marked:
+            self._marked = _write_marker(self.root)
         entry.mkdir(parents=True, exist_ok=True)
+        self._file(entry, LOCK_NAME)  # an entry folder linked out of the cache is never written into
         with _locked(entry, exclusive=True):
             rec = self._read_record(entry)
             if rec is not None and not overwrite and not self._problems(entry, rec):
@@ -481,6 +540,7 @@ class GenerationCache:
         entry = self.entry_dir(key)
         if not entry.is_dir():
             return False
+        self._file(entry, LOCK_NAME)
         with _locked(entry, exclusive=True):
             was = self._read_record(entry) is not None
             with contextlib.suppress(FileNotFoundError):

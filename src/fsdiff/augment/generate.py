@@ -76,6 +76,7 @@ from fsdiff.episode import (
     check_label,
 )
 from fsdiff.errors import FsdiffError
+from fsdiff.limits import MAX_GENERATION_RESOLUTION, check_side
 
 SCHEDULER_ID = "DDIM(leading,steps_offset=1,set_alpha_to_one=False,clip_sample=False)"
 """How the DDIM sampler is configured; part of every cache key."""
@@ -92,7 +93,11 @@ GENERATOR_VERSION = 1
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampler settings; defaults are DifFSS's (METHODS.md §2.2) with 20 steps (§2.6 (1))."""
+    """Sampler settings; defaults are DifFSS's (METHODS.md §2.2) with 20 steps (§2.6 (1)).
+
+    ``control.resolution`` must lie in 64..:data:`fsdiff.limits.MAX_GENERATION_RESOLUTION` (1024 unless
+    ``$FSDIFF_MAX_GENERATION_RESOLUTION`` says otherwise).
+    """
 
     steps: int = 20
     guidance: float = 9.0
@@ -117,6 +122,7 @@ class GenerationConfig:
             raise FsdiffError(f"seed must be an integer, got {self.seed!r}.")
         if not isinstance(self.control, ControlConfig):
             raise FsdiffError(f"control must be a ControlConfig, got {type(self.control).__name__}.")
+        check_side(self.control.resolution, "resolution", MAX_GENERATION_RESOLUTION, minimum=64)
 
     @property
     def resolution(self) -> int:
@@ -126,8 +132,8 @@ class GenerationConfig:
     def replace(self, **changes: Any) -> "GenerationConfig":
         """A copy with fields changed; ``resolution=`` changes ``control.resolution``."""
         if "resolution" in changes:
-            res = changes.pop("resolution")
-            changes["control"] = dataclasses.replace(changes.get("control", self.control), resolution=int(res))
+            res = check_side(changes.pop("resolution"), "resolution", MAX_GENERATION_RESOLUTION, minimum=64)
+            changes["control"] = dataclasses.replace(changes.get("control", self.control), resolution=res)
         return dataclasses.replace(self, **changes)
 
 

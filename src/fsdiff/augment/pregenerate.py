@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fsdiff.augment.cache import GenerationCache
+from fsdiff.augment.cache import MARKER_NAME, GenerationCache, is_generation_cache
 from fsdiff.augment.generate import Generator, resolve_spec
 from fsdiff.distributed import partial_state, world_size
 from fsdiff.episode import MaskAnnotation
@@ -156,7 +156,7 @@ def _use_cache(generator: Generator, cache: GenerationCache | str | os.PathLike 
     current = getattr(generator, "cache", None)
     if cache is None:
         if current is None:
-            raise FsdiffError("pre-generation needs a cache: pass cache=GenerationCache(folder) (CLI: --cache-dir).")
+            raise FsdiffError("pre-generation needs a cache: pass cache=<folder> or a GenerationCache.")
         return current
     if current is None:
         generator.cache = cache
@@ -267,12 +267,23 @@ def pregenerate(
 
 
 def _existing_cache(cache: GenerationCache | str | os.PathLike) -> GenerationCache:
-    """A GenerationCache over an existing folder (a typo must not create an empty cache and report success)."""
+    """A GenerationCache over an existing cache folder (a typo must not create an empty cache and report success;
+    a folder that is not a cache, e.g. /etc, must not be reported as a healthy empty one)."""
     if isinstance(cache, GenerationCache):
         return cache
-    if not Path(cache).is_dir():
+    path = Path(cache)
+    if path.exists() and not path.is_dir():
         raise FsdiffError(
-            f"cache folder {cache} does not exist; give the --cache folder that `fsdiff augment generate` wrote."
+            f"cache {cache} is a file, not a folder; give the cache folder that pre-generation wrote."
+        )
+    if not path.is_dir():
+        raise FsdiffError(
+            f"cache folder {cache} does not exist; give the cache folder that pre-generation wrote."
+        )
+    if not is_generation_cache(path):
+        raise FsdiffError(
+            f"folder {cache} is not a DifFSS generation cache (no {MARKER_NAME} marker, and it holds other things "
+            "than the cache's two-hex-digit entry folders); give the cache folder that pre-generation wrote."
         )
     return GenerationCache(cache)
 

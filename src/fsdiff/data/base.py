@@ -161,7 +161,7 @@ def resolve_splits_dir(splits_dir: str | os.PathLike | None, required: list[str]
     how = (
         f"fsdiff does not ship these lists (they come without a licence). Download the folder "
         f"data/splits of the HSNet repository, {HSNET_SPLITS_URL}, and pass splits_dir=<that folder> "
-        f"(CLI: --splits-dir) or set {SPLITS_ENV}=<that folder>; see docs/DATASETS.md."
+        f"or set {SPLITS_ENV}=<that folder>; see docs/DATASETS.md."
     )
     if base is None:
         raise FsdiffError(f"{dataset} needs the split list file(s) {', '.join(required[:4])}. {how}")

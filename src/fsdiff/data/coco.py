@@ -14,6 +14,11 @@ A dataset with another number of categories N is split the same way on its own s
 (interleaved: k % n_folds == i; contiguous: [i*N//n_folds, (i+1)*N//n_folds)); ``fold=None`` keeps
 every class. split 'val' (or 'test') = the fold's classes, 'trn' (or 'train') = the others.
 
+Every entry is validated before use (ids, sizes, file names; polygons and RLE against the image size
+before ``pycocotools`` rasterises them, with the bounds of :mod:`fsdiff.limits`), and image files must
+lie inside the image folder (or, for the json-relative fallback, the json's folder): see
+:func:`fsdiff.io.resolve_inside`. Errors name the json and the entry.
+
 A class is present in an image when it has a non-crowd instance; ``min_pixels`` (default 0: no
 filter) additionally requires that many pixels in the union mask. With ``hsnet_lists=True`` the
 per-class image lists (and so HSNet's sampling) come from HSNet's ``coco/{trn,val}/fold{i}.pkl``.
@@ -21,7 +26,7 @@ per-class image lists (and so HSNet's sampling) come from HSNet's ``coco/{trn,va
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import pickle
 import re
@@ -31,9 +36,24 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_fold, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_fold,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
-from fsdiff.io import IGNORE, read_image
+from fsdiff.io import IGNORE, read_image, read_json, resolve_inside
+from fsdiff.limits import (
+    MAX_KEY_CHARS,
+    MAX_POLYGON_PERIMETER,
+    MAX_POLYGON_POINTS,
+    MAX_POLYGONS,
+    POLYGON_MARGIN,
+    POLYGON_MARGIN_MIN_PX,
+    check_image_size,
+)
 
 CONVENTIONS = ("interleaved", "contiguous")
 _SPLITS = {"val": "val", "test": "val", "trn": "trn", "train": "trn"}
@@ -57,6 +77,41 @@ class _NoGlobals(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):  # noqa: D401
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: the file holds more than plain data")
+
+
+def _short(value: object, n: int = 60) -> str:
+    """repr of ``value`` cut to ``n`` characters (for messages about hostile entries)."""
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _rle_string_counts(s: bytes) -> np.ndarray:
+    """The run lengths of a compressed COCO RLE string (pycocotools' ``rleFrString``), as int64.
+
+    Raises ValueError on characters outside the alphabet, a truncated last run, or a run encoded in more
+    than 6 characters (30 bits, beyond which pycocotools' C shifts overflow).
+    """
+    b = np.frombuffer(s, np.uint8).astype(np.int64) - 48
+    if b.size == 0:
+        return np.zeros(0, np.int64)
+    if b.min() < 0 or b.max() > 63:
+        raise ValueError("the RLE string holds characters outside its alphabet ('0'..'o')")
+    more = (b & 0x20) != 0
+    if more[-1]:
+        raise ValueError("the RLE string is truncated")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts + 1
+    if lengths.max() > 6:
+        raise ValueError("the RLE string encodes a run in more than 6 characters")
+    pos = np.arange(b.size) - np.repeat(starts, lengths)
+    vals = np.add.reduceat((b & 0x1F) << (5 * pos), starts)
+    vals = np.where((b[ends] & 0x10) != 0, vals - (np.int64(1) << (5 * lengths)), vals)
+    cnts = vals.copy()
+    cnts[1::2] = np.cumsum(vals[1::2])  # run i > 2 is stored as the difference to run i - 2
+    if cnts.size > 2:
+        cnts[2::2] = np.cumsum(vals[2::2])
+    return cnts
 
 
 def _id_in_name(name: str) -> int | None:
@@ -150,15 +205,9 @@ class CocoSource(FewShotSource):
         )
 
     def _read_json(self) -> dict:
-        try:
-            data = json.loads(self.ann.read_bytes())
-        except json.JSONDecodeError as exc:
-            raise FsdiffError(
-                f"{self.ann} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-                "re-export the annotations in COCO format."
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FsdiffError(f"cannot read COCO annotation file {self.ann}: {exc}.") from None
+        # NaN is allowed in the file (exporters write it into fields fsdiff never reads, e.g. 'area'); every
+        # field that is used is validated: a NaN id or size is "not an integer", a NaN coordinate "non-finite".
+        data = read_json(self.ann, "COCO annotation file", fix="re-export the annotations in COCO format", allow_nan=True)
         if not isinstance(data, dict):
             raise FsdiffError(f"{self.ann} is not a COCO annotation file: the top level is not an object.")
         missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
@@ -172,12 +221,30 @@ class CocoSource(FewShotSource):
     def _bad(self, what: str) -> FsdiffError:
         return FsdiffError(f"{self.ann}: {what}; fix or re-export the COCO json.")
 
+    def _int(self, value: object, where: str, field: str) -> int:
+        """An integer id/size field of ``where`` (ints, integral floats, digit strings), or an error naming it."""
+        if isinstance(value, bool) or value is None:
+            ok = False
+        elif isinstance(value, int):
+            return value
+        elif isinstance(value, float):
+            ok = value.is_integer()
+        elif isinstance(value, str):
+            ok = value.strip().lstrip("-").isdigit() and len(value) < 20
+        else:
+            ok = False
+        if not ok:
+            raise self._bad(f"{where} has {field} {_short(value)}, not an integer")
+        return int(value)
+
     def _parse(self, data: dict) -> None:
         cats = []
         for i, c in enumerate(data["categories"]):
             if not isinstance(c, dict) or "id" not in c or "name" not in c:
                 raise self._bad(f"categories[{i}] lacks 'id' or 'name'")
-            cats.append((int(c["id"]), str(c["name"])))
+            if not isinstance(c["name"], (str, int)) or isinstance(c["name"], bool):
+                raise self._bad(f"categories[{i}] has name {_short(c['name'])}, not a string")
+            cats.append((self._int(c["id"], f"categories[{i}]", "id"), str(c["name"])))
         cats.sort()
         if len({c for c, _ in cats}) != len(cats):
             raise self._bad("two categories share an id")
@@ -192,13 +259,22 @@ class CocoSource(FewShotSource):
         for i, im in enumerate(data["images"]):
             if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
                 raise self._bad(f"images[{i}] lacks 'id' or 'file_name'")
-            iid, key = int(im["id"]), str(im["file_name"])
+            iid, key = self._int(im["id"], f"images[{i}]", "id"), im["file_name"]
+            where = f"images[{i}] (id {iid})"
+            if not isinstance(key, str) or not key.strip() or "\0" in key or len(key) > MAX_KEY_CHARS:
+                raise self._bad(f"{where} has file_name {_short(key)}; it must be a non-empty relative path")
             if iid in self._images:
                 raise self._bad(f"image id {iid} is listed twice")
             if key in self._id_of_key:
                 raise self._bad(f"file_name {key!r} is listed twice")
             h, w = im.get("height"), im.get("width")
-            self._images[iid] = {"key": key, "h": int(h) if h else None, "w": int(w) if w else None}
+            h = self._int(h, where, "height") if h else None
+            w = self._int(w, where, "width") if w else None
+            if (h is not None and h < 1) or (w is not None and w < 1):
+                raise self._bad(f"{where} has height {h} and width {w}; sizes must be positive")
+            if h is not None and w is not None:
+                check_image_size(w, h, f"{self.ann}: {where} ({key!r})")
+            self._images[iid] = {"key": key, "h": h, "w": w}
             self._keys.append(key)
             self._id_of_key[key] = iid
 
@@ -208,18 +284,26 @@ class CocoSource(FewShotSource):
             if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a:
                 raise self._bad(f"annotations[{i}] lacks 'image_id' or 'category_id'")
             aid = a.get("id", i)
-            if a["image_id"] not in self._images:
-                raise self._bad(f"annotation {aid} refers to image_id {a['image_id']}, which is not in 'images'")
-            if a["category_id"] not in index_of_cat:
-                raise self._bad(
-                    f"annotation {aid} refers to category_id {a['category_id']}, which is not in 'categories'"
-                )
+            if not isinstance(aid, (int, str)) or isinstance(aid, bool):
+                raise self._bad(f"annotations[{i}] has id {_short(aid)}, not an integer")
+            where = f"annotation {aid}" if "id" in a else f"annotations[{i}]"
+            iid = self._int(a["image_id"], where, "image_id")
+            cid = self._int(a["category_id"], where, "category_id")
+            if iid not in self._images:
+                raise self._bad(f"{where} refers to image_id {iid}, which is not in 'images'")
+            if cid not in index_of_cat:
+                raise self._bad(f"{where} refers to category_id {cid}, which is not in 'categories'")
             if not a.get("segmentation"):
                 raise self._bad(
-                    f"annotation {aid} has no 'segmentation' (a box-only export); few-shot segmentation needs "
+                    f"{where} has no 'segmentation' (a box-only export); few-shot segmentation needs "
                     "polygons or RLE masks"
                 )
-            k, iid, crowd = index_of_cat[a["category_id"]], int(a["image_id"]), bool(a.get("iscrowd", 0))
+            if not isinstance(a["segmentation"], (list, dict)):
+                raise self._bad(
+                    f"{where} has a segmentation of type {type(a['segmentation']).__name__}; it must be a list "
+                    "of polygons or an RLE object {'size', 'counts'}"
+                )
+            k, crowd = index_of_cat[cid], bool(a.get("iscrowd", 0))
             self._anns.setdefault(iid, []).append((k, crowd, a["segmentation"], aid))
             if not crowd:
                 present.setdefault(k, set()).add(iid)
@@ -309,13 +393,27 @@ class CocoSource(FewShotSource):
         return list(self._keys)
 
     def image_path(self, image_key: str) -> Path:
-        """Where the image file of ``image_key`` (its json file_name) is looked for."""
+        """Where the image file of ``image_key`` (its json file_name) is looked for.
+
+        Candidates: the image folder joined with the name, the json's folder joined with the name, the
+        image folder joined with the base name. A candidate counts only if it lies inside the folder it was
+        joined to (symlinks resolved); if none does and the name leads outside, an FsdiffError names the entry.
+        """
+        iid = self._id_of_key.get(image_key)
+        what = f"file_name {image_key!r}" + (f" (image id {iid})" if iid is not None else "") + f" in {self.ann}"
         first = self.images_dir / image_key
-        if first.is_file():
-            return first
-        for cand in (self.ann.parent / image_key, self.images_dir / Path(image_key).name):
+        escaped: FsdiffError | None = None
+        for root, cand in ((self.images_dir, first), (self.ann.parent, self.ann.parent / image_key),
+                           (self.images_dir, self.images_dir / Path(image_key).name)):  # fmt: skip
+            try:
+                resolve_inside(cand, root, what)
+            except FsdiffError as exc:
+                escaped = escaped or exc
+                continue
             if cand.is_file():
                 return cand
+        if escaped is not None:
+            raise escaped
         return first
 
     def _image_id(self, image_key: str) -> int:
@@ -324,24 +422,93 @@ class CocoSource(FewShotSource):
             raise FsdiffError(f"image {image_key!r} is not listed in {self.ann}; use a file_name from its 'images'.")
         return iid
 
+    def _polygons(self, segm: list, h: int, w: int) -> list[list[float]]:
+        """Validated polygons (finite, inside the frame up to the margin, bounded counts and outline length).
+
+        Plain Python: COCO polygons have ~20 points, where a loop costs less than numpy's per-call overhead.
+        """
+        if len(segm) > MAX_POLYGONS.value():
+            raise ValueError(f"it has {len(segm):,} polygons, above the limit of {MAX_POLYGONS.value():,} "
+                             f"({MAX_POLYGONS.name}; {MAX_POLYGONS.hint()})")
+        max_coords, n_coords = 2 * MAX_POLYGON_POINTS.value(), 0
+        margin = max(POLYGON_MARGIN * max(h, w), POLYGON_MARGIN_MIN_PX)
+        outline, polys = 0.0, []
+        for j, p in enumerate(segm):
+            if not isinstance(p, list):
+                raise ValueError(f"polygon {j} is a {type(p).__name__}, not a list of x, y numbers")
+            if len(p) % 2 or len(p) < 6:
+                raise ValueError(f"polygon {j} has {len(p)} values; a polygon needs an even number (>= 6) of coordinates")
+            n_coords += len(p)
+            if n_coords > max_coords:
+                raise ValueError(f"its polygons have more than {max_coords // 2:,} points, the limit "
+                                 f"({MAX_POLYGON_POINTS.name}; {MAX_POLYGON_POINTS.hint()})")
+            try:
+                vals = [float(v) for v in p]
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"polygon {j} holds a value that is not a number") from None
+            if not all(map(math.isfinite, vals)):
+                raise ValueError(f"polygon {j} holds a non-finite coordinate (NaN or infinity)")
+            xs, ys = vals[0::2], vals[1::2]
+            if min(xs) < -margin or min(ys) < -margin or max(xs) > w + margin or max(ys) > h + margin:
+                x, y = max(zip(xs, ys), key=lambda v: max(-v[0], v[0] - w, -v[1], v[1] - h))
+                raise ValueError(
+                    f"polygon {j} has the vertex ({x:.6g}, {y:.6g}), outside the {w}x{h} image by more than the "
+                    f"allowed {margin:.0f} pixels (coordinates are pixels of the image, not normalised or of "
+                    "another image)"
+                )
+            px, py = xs[-1], ys[-1]  # outline length as pycocotools walks it: max(|dx|, |dy|) per closed edge
+            for x, y in zip(xs, ys):
+                dx, dy = abs(x - px), abs(y - py)
+                outline += dx if dx > dy else dy
+                px, py = x, y
+            polys.append(vals)
+        if outline > MAX_POLYGON_PERIMETER * (w + h):
+            raise ValueError(f"its polygon outlines are {outline:,.0f} pixels long, more than {MAX_POLYGON_PERIMETER} "
+                             f"times (width + height) of the {w}x{h} image; no real outline is that long")
+        return polys
+
+    @staticmethod
+    def _rle(segm: dict, h: int, w: int) -> dict:
+        """A validated RLE (size [h, w], non-negative runs summing to h*w) in pycocotools' compressed form."""
+        from pycocotools import mask as mask_utils
+
+        size = segm["size"]
+        if not isinstance(size, list) or len(size) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in size
+        ):
+            raise ValueError(f"RLE size {_short(size)} is not [height, width]")
+        if size != [h, w]:
+            raise ValueError(f"RLE size {size} differs from the image size [{h}, {w}]")
+        counts = segm["counts"]
+        if isinstance(counts, list):
+            if len(counts) > h * w + 1 or not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+                raise ValueError("RLE counts must be at most height*width + 1 integers")
+            runs = np.asarray(counts, dtype=np.int64) if counts else np.zeros(0, np.int64)
+        elif isinstance(counts, (str, bytes)):
+            try:
+                raw = counts.encode("ascii") if isinstance(counts, str) else counts
+            except UnicodeEncodeError:
+                raise ValueError("the RLE string holds characters outside its alphabet ('0'..'o')") from None
+            runs = _rle_string_counts(raw)
+        else:
+            raise ValueError(f"RLE counts are a {type(counts).__name__}, neither a list nor a string")
+        if runs.size and (runs.min() < 0 or runs.max() > h * w):
+            raise ValueError("RLE counts hold a negative or oversized run")
+        if int(runs.sum()) != h * w:
+            raise ValueError(f"RLE runs cover {int(runs.sum()):,} pixels, not height*width = {h * w:,}")
+        if isinstance(counts, list):
+            return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        return {"size": [h, w], "counts": raw}
+
     def _decode(self, segm: object, h: int, w: int, aid: object) -> np.ndarray:
-        """One annotation's binary mask (polygons, uncompressed or compressed RLE)."""
+        """One annotation's binary mask (polygons, uncompressed or compressed RLE), validated before rasterising."""
         from pycocotools import mask as mask_utils
 
         try:
             if isinstance(segm, list):
-                polys = [[float(v) for v in p] for p in segm]
-                if any(len(p) % 2 or len(p) < 6 for p in polys):
-                    raise ValueError("a polygon needs an even number (>= 6) of coordinates")
-                rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+                rle = mask_utils.merge(mask_utils.frPyObjects(self._polygons(segm, h, w), h, w))
             elif isinstance(segm, dict) and "counts" in segm and "size" in segm:
-                if [int(v) for v in segm["size"]] != [h, w]:
-                    raise ValueError(f"RLE size {segm['size']} differs from the image size [{h}, {w}]")
-                counts = segm["counts"]
-                if isinstance(counts, list):
-                    rle = mask_utils.frPyObjects(segm, h, w)
-                else:
-                    rle = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+                rle = self._rle(segm, h, w)
             else:
                 raise ValueError("segmentation is neither a polygon list nor an RLE {'size', 'counts'}")
             with warnings.catch_warnings():  # pycocotools vs numpy 2 copy= keyword
@@ -350,7 +517,7 @@ class CocoSource(FewShotSource):
         except FsdiffError:
             raise
         except Exception as exc:  # pycocotools raises assorted types on bad input
-            raise self._bad(f"annotation {aid} has an unreadable segmentation ({exc})") from None
+            raise self._bad(f"annotation {_short(aid)} has an unreadable segmentation ({exc})") from None
         if m.ndim == 3:
             m = m.max(axis=2)
         return m.astype(bool)

@@ -7,6 +7,8 @@ in a 0/1/255 mask, see :func:`fsdiff.io.mask_from_array`)::
     root/images/<class>/x.jpg   root/masks/<class>/x.png    one class per subfolder (names sorted)
 
 Image keys are ``x`` (flat) or ``<class>/x``; class ids are 0..n-1 in sorted folder-name order.
+Every file must lie inside ``images/`` or ``masks/`` with symlinks resolved (a link out of the folder
+is refused unless ``$FSDIFF_FOLLOW_SYMLINKS=1``; see :func:`fsdiff.io.resolve_inside`).
 There is no reference protocol for a user folder: the HSNet-style sampler walks every image once
 as a query (``query_items`` order: classes, then files sorted by name).
 """
@@ -20,7 +22,7 @@ import numpy as np
 
 from fsdiff.data.base import SOURCES, FewShotSource, check_pair
 from fsdiff.errors import FsdiffError
-from fsdiff.io import read_image, read_mask
+from fsdiff.io import read_image, read_mask, resolve_inside
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTS = (".png", ".bmp", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".webp")
@@ -117,10 +119,12 @@ class FolderSource(FewShotSource):
         return [(k, cid) for cid, _ in self.classes for k, _, _ in self._entries[cid]]
 
     def paths(self, image_key: str) -> tuple[Path, Path]:
-        """The image and mask file of ``image_key``."""
+        """The image and mask file of ``image_key`` (FsdiffError if either resolves outside its folder)."""
         if image_key not in self._by_key:
             raise FsdiffError(f"image {image_key!r} is not in {self.images_dir}; use a key from source.query_items().")
         _, ip, mp = self._by_key[image_key]
+        resolve_inside(ip, self.images_dir, f"image {image_key!r} of the folder dataset {self.root}")
+        resolve_inside(mp, self.masks_dir, f"mask of image {image_key!r} of the folder dataset {self.root}")
         return ip, mp
 
     def load(self, image_key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:

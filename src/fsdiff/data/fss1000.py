@@ -5,7 +5,9 @@ Layout ``root/<class_name>/<n>.jpg`` + ``<n>.png``. The class split is read from
 classes of a split are sorted by name and numbered from 0 (trn), 520 (val) or 760 (test); queries
 are every ``.jpg`` of every class, class by class, files in sorted-name order; masks are converted to
 8-bit gray (PIL ``convert('L')``) and binarised with gray >= 128 -> object (HSNet's rule; DifFSS's
-generator uses >= 100, pass ``threshold=100`` for that). FSS-1000 masks have no ignore label.
+generator uses >= 100, pass ``threshold=100`` for that). FSS-1000 masks have no ignore label. Class
+names from the split list and the files in each class folder must lie inside the root
+(:func:`fsdiff.io.resolve_inside`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_pair, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_pair,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
-from fsdiff.io import read_image
+from fsdiff.io import read_image, resolve_inside
 
 SPLIT_OFFSETS = {"trn": 0, "val": 520, "test": 760}
 """HSNet's class-id offsets of the three FSS-1000 splits."""
@@ -57,6 +65,12 @@ class Fss1000Source(FewShotSource):
         names = sorted(ln.strip() for ln in list_path.read_text(encoding="utf-8").splitlines() if ln.strip())
         if not names:
             raise FsdiffError(f"{list_path} lists no class; use the unmodified HSNet split file.")
+        for lineno, n in enumerate(names, 1):
+            if "/" in n or "\\" in n or n in (".", "..") or "\0" in n:
+                raise FsdiffError(
+                    f"{list_path}: class name {n!r} is not a folder name (it holds a path separator or is '.' "
+                    "or '..'); use the unmodified HSNet split file."
+                )
         self.root = self._find_root(Path(root).expanduser(), names[0])
         offset = SPLIT_OFFSETS[self.split]
         self.classes = [(offset + i, n) for i, n in enumerate(names)]
@@ -65,6 +79,7 @@ class Fss1000Source(FewShotSource):
         missing = []
         for cid, cname in self.classes:
             folder = self.root / cname
+            resolve_inside(folder, self.root, f"FSS-1000 class {cname!r} (listed in {list_path})")
             if not folder.is_dir():
                 missing.append(str(folder))
                 continue
@@ -111,7 +126,10 @@ class Fss1000Source(FewShotSource):
         cname, _, stem = image_key.rpartition("/")
         folder = self.root / cname
         jpg = next((folder / f for f in self._files.get(self._class_of_key(image_key), []) if f[:-4] == stem), None)
-        return (jpg or folder / f"{stem}.jpg"), folder / f"{stem}.png"
+        img, mask = (jpg or folder / f"{stem}.jpg"), folder / f"{stem}.png"
+        for p in (img, mask):
+            resolve_inside(p, self.root, f"FSS-1000 image {image_key!r}")
+        return img, mask
 
     def load(self, image_key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Image and binary mask (gray >= threshold -> 1)."""

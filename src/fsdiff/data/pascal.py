@@ -5,7 +5,9 @@ Episode metadata comes from HSNet's fold lists ``{splits_dir}/pascal/{trn,val}/f
 own val list, 'trn' the trn lists of the three other folds in fold order. The lists are not shipped
 (no licence); see :func:`fsdiff.data.base.resolve_splits_dir`. Class ids are the VOC label values
 1..20; masks keep VOC's 255 (object boundaries) as ignore. Labels come from SBD's
-``SegmentationClassAug/`` when present (as HSNet uses it), else ``SegmentationClass/``.
+``SegmentationClassAug/`` when present (as HSNet uses it), else ``SegmentationClass/``. Image ids from
+list files (and episode lists) must name files inside ``JPEGImages/`` and the label folder
+(:func:`fsdiff.io.resolve_inside`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fsdiff.data.base import SOURCES, FewShotSource, check_fold, check_pair, normalise_split, resolve_splits_dir
+from fsdiff.data.base import (
+    SOURCES,
+    FewShotSource,
+    check_fold,
+    check_pair,
+    normalise_split,
+    resolve_splits_dir,
+)
 from fsdiff.errors import FsdiffError
-from fsdiff.io import mask_from_array, read_image, read_label
+from fsdiff.io import mask_from_array, read_image, read_label, resolve_inside
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -111,7 +120,7 @@ class PascalSource(FewShotSource):
             if not line:
                 continue
             name, sep, cls = line.rpartition("__")
-            if not sep or not name or not cls.isdigit():
+            if not sep or not name or not cls.isdigit() or "/" in name or "\\" in name or name.startswith("."):
                 raise FsdiffError(
                     f"{path} line {lineno}: expected IMAGEID__CLASS (e.g. 2007_000033__01), got {line!r}; "
                     "use the unmodified HSNet list files."
@@ -137,8 +146,14 @@ class PascalSource(FewShotSource):
         return list(self._items)
 
     def image_paths(self, image_key: str) -> tuple[Path, Path]:
-        """The JPEG and label PNG of ``image_key``."""
-        return self.voc / "JPEGImages" / f"{image_key}.jpg", self.ann_dir / f"{image_key}.png"
+        """The JPEG and label PNG of ``image_key`` (FsdiffError if either would lie outside its folder)."""
+        if not isinstance(image_key, str) or not image_key or "\0" in image_key:
+            raise FsdiffError(f"PASCAL image id {image_key!r} is not a VOC image id (e.g. 2007_000033).")
+        images = self.voc / "JPEGImages"
+        img, lab = images / f"{image_key}.jpg", self.ann_dir / f"{image_key}.png"
+        resolve_inside(img, images, f"PASCAL image id {image_key!r}")
+        resolve_inside(lab, self.ann_dir, f"PASCAL image id {image_key!r}")
+        return img, lab
 
     def load(self, image_key: str, class_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Image and {0,1,255} mask of ``class_id`` (VOC's 255 boundary stays ignore)."""

@@ -35,8 +35,9 @@ import numpy as np
 from fsdiff.data.base import FewShotSource
 from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
-from fsdiff.io import atomic_path
+from fsdiff.io import atomic_path, read_json
 from fsdiff.jsonutil import dumps
+from fsdiff.limits import MAX_EPISODES, MAX_KEY_CHARS, MAX_SHOTS, check_count
 
 PROTOCOLS = ("hsnet", "bam")
 HSNET_SEED = 0
@@ -73,7 +74,7 @@ def _not_enough(source: FewShotSource, class_id: int, pool: list[str], query: st
 def _check_shots(shots: object) -> int:
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or int(shots) < 0:
         raise FsdiffError(f"shots={shots!r} must be a non-negative integer (1 or 5 in the benchmarks).")
-    return int(shots)
+    return check_count(shots, "shots", MAX_SHOTS)
 
 
 def _hsnet(source: FewShotSource, n_episodes: int | None, shots: int, seed: int) -> list[EpisodeSpec]:
@@ -187,11 +188,14 @@ def sample_episodes(
 
     hsnet: ``seed`` defaults to 0, ``n_episodes`` to the source's default (1000 for PASCAL and COCO,
     one per query image for FSS-1000 and folders). bam: ``seed`` (default 123) draws ``runs`` run
-    seeds; each run gives ``n_episodes`` (default 1000) episodes with ids ``r<run>-<index>``.
+    seeds; each run gives ``n_episodes`` (default 1000) episodes with ids ``r<run>-<index>``. Bounds:
+    :data:`fsdiff.limits.MAX_EPISODES` episodes per run, :data:`~fsdiff.limits.MAX_SHOTS` shots.
     """
     shots = _check_shots(shots)
     if n_episodes is not None and (isinstance(n_episodes, bool) or int(n_episodes) < 1):
         raise FsdiffError(f"n_episodes={n_episodes!r} must be a positive integer.")
+    if n_episodes is not None:
+        check_count(n_episodes, "n_episodes", MAX_EPISODES, minimum=1)
     if protocol == "hsnet":
         n = None if n_episodes is None else int(n_episodes)
         return _hsnet(source, n, shots, HSNET_SEED if seed is None else int(seed))
@@ -249,18 +253,26 @@ def save_episode_list(path: str | os.PathLike, specs: list[EpisodeSpec], meta: d
         tmp.write_text(text, encoding="utf-8")
 
 
+def _bad_key(key: object) -> bool:
+    return not isinstance(key, str) or not key or len(key) > MAX_KEY_CHARS or "\0" in key
+
+
 def load_episode_list(path: str | os.PathLike) -> tuple[list[EpisodeSpec], dict]:
-    """Read an episode list written by :func:`save_episode_list`: (specs, meta)."""
+    """Read an episode list written by :func:`save_episode_list`: (specs, meta).
+
+    Image keys are only names here: the source resolves them (a COCO key must be a file_name of its json, a
+    folder key one of its files, a PASCAL id a file inside its folders), so a key cannot reach outside the
+    dataset. Bounds: :data:`fsdiff.limits.MAX_EPISODES` episodes, :data:`~fsdiff.limits.MAX_SHOTS` images per
+    side of an episode, keys of at most :data:`~fsdiff.limits.MAX_KEY_CHARS` characters.
+    """
     p = Path(path)
     what = f"episode list {p}"
-    if not p.is_file():
-        raise FsdiffError(f"{what} not found; write one with `fsdiff episodes` or save_episode_list().")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise FsdiffError(f"{what} is not valid JSON ({exc.msg} at line {exc.lineno}); re-create the file.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FsdiffError(f"cannot read {what}: {exc}.") from None
+    if not p.exists():
+        raise FsdiffError(
+            f"{what} not found; write one with save_episodes=FILE, which saves the episodes an evaluation "
+            "samples (fsdiff.data.save_episode_list() for your own)."
+        )
+    data = read_json(p, "episode list", fix="re-create the file")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise FsdiffError(f"{what} is not an fsdiff episode list (no \"format\": \"{FORMAT}\"); re-create the file.")
     meta, episodes = data.get("meta"), data.get("episodes")
@@ -268,26 +280,39 @@ def load_episode_list(path: str | os.PathLike) -> tuple[list[EpisodeSpec], dict]
         raise FsdiffError(f"{what}: 'meta' must be an object with keys {list(REQUIRED_META)}; re-create the file.")
     if not isinstance(episodes, list):
         raise FsdiffError(f"{what}: 'episodes' must be a list; re-create the file.")
+    shots = meta["shots"]
+    if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= MAX_SHOTS.value():
+        raise FsdiffError(
+            f"{what}: meta 'shots' is {str(shots)[:40]!r}; it must be an integer in 0..{MAX_SHOTS.value()} "
+            f"({MAX_SHOTS.name}); re-create the file."
+        )
+    if len(episodes) > MAX_EPISODES.value():
+        raise FsdiffError(
+            f"{what} holds {len(episodes):,} episodes, above the limit of {MAX_EPISODES.value():,} "
+            f"({MAX_EPISODES.name}); split the file, or {MAX_EPISODES.hint()}."
+        )
     specs = []
     for i, e in enumerate(episodes):
         ok = (
             isinstance(e, dict)
             and isinstance(e.get("id"), str)
+            and len(e["id"]) <= MAX_KEY_CHARS
             and isinstance(e.get("class_id"), int)
             and not isinstance(e.get("class_id"), bool)
             and isinstance(e.get("query"), list)
-            and len(e["query"]) > 0
+            and 0 < len(e["query"]) <= MAX_SHOTS.value()
             and isinstance(e.get("support"), list)
-            and all(isinstance(k, str) for k in e["query"] + e["support"])
+            and not any(_bad_key(k) for k in e["query"] + e["support"])
         )
         if not ok:
             raise FsdiffError(
-                f"{what}: episode {i} is malformed (needs 'id' string, 'class_id' integer, 'query' non-empty "
-                "list of image keys, 'support' list of image keys); re-create the file."
+                f"{what}: episode {i} is malformed (needs 'id' string, 'class_id' integer, 'query' list of 1 to "
+                f"{MAX_SHOTS.value()} image keys, 'support' list of image keys; keys are non-empty strings of at "
+                f"most {MAX_KEY_CHARS} characters); re-create the file."
             )
-        if isinstance(meta["shots"], int) and len(e["support"]) != meta["shots"]:
+        if len(e["support"]) != shots:
             raise FsdiffError(
-                f"{what}: episode {i} has {len(e['support'])} support(s) but meta says shots={meta['shots']}; "
+                f"{what}: episode {i} has {len(e['support'])} support(s) but meta says shots={shots}; "
                 "re-create the file."
             )
         specs.append(EpisodeSpec(e["id"], e["class_id"], tuple(e["query"]), tuple(e["support"])))
