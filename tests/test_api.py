@@ -193,3 +193,32 @@ def test_train_mirrors_the_command(tmp_path):
     with pytest.raises(FsdiffError, match="input_size=64 disagrees with the config's input_size \\(96\\)"):
         train("diffup", "folder", tmp_path / "ds", tmp_path / "x", config={"input_size": 96}, input_size=64)
     assert not (tmp_path / "x").exists()
+
+
+def test_limits_apply_to_in_memory_inputs(monkeypatch):
+    monkeypatch.setenv("FSDIFF_MAX_IMAGE_PIXELS", "1000")
+    big = np.zeros((40, 40, 3), np.uint8)
+    for value in (big, Image.fromarray(big)):
+        with pytest.raises(FsdiffError, match="1,600 pixels, above the limit of 1,000.*FSDIFF_MAX_IMAGE_PIXELS"):
+            load_query(value)
+    with pytest.raises(FsdiffError, match="above the limit"):
+        load_shot(np.zeros((20, 20, 3), np.uint8), mask=np.zeros((40, 40), bool))
+    photo = np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)
+    with pytest.raises(FsdiffError, match="does not look like a scribble"):
+        load_shot(np.zeros((20, 20, 3), np.uint8), scribble=photo)
+
+
+def test_sizes_and_counts_are_bounded_before_any_allocation():
+    from fsdiff.augment.controls import parse_condition
+    from fsdiff.methods.diffseg.config import DiffSegConfig
+    from fsdiff.methods.diffup.config import DiffUpConfig
+    from fsdiff.metrics import check_resolution
+
+    with pytest.raises(FsdiffError, match="input_size=100000 exceeds the limit of 2,048"):
+        DiffUpConfig(input_size=100000)
+    with pytest.raises(FsdiffError, match="input_size=100000 exceeds the limit"):
+        DiffSegConfig(input_size=100000)
+    with pytest.raises(FsdiffError, match="resolution=100000 exceeds the limit of 4,096"):
+        check_resolution(100000)
+    with pytest.raises(FsdiffError, match="exceeds the limit of 64"):
+        parse_condition("hed:1000")

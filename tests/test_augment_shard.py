@@ -205,7 +205,6 @@ def test_two_processes_share_one_cache_without_double_work(tmp_path: Path) -> No
 def test_process_layout_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
     """fsdiff.distributed (shared by pre-generation and DiffSeg training): one process, the default device;
     the two-process case is exercised for real by test_augment_accelerate."""
-    import torch
 
     from fsdiff import distributed
     from fsdiff.methods.diffseg.training import steps_per_epoch

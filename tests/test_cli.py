@@ -212,7 +212,7 @@ def test_method_arg_errors_and_missing_diffusion_models(tmp_path, capsys):
 
 
 def test_segment_query_folders_globs_points_threshold_and_formats(tmp_path, capsys):
-    s, m = _photo(tmp_path, "s.png"), _mask(tmp_path, "m.png")
+    s = _photo(tmp_path, "s.png")
     qdir = tmp_path / "qs"
     qdir.mkdir()
     for i, ext in enumerate(("jpg", "png", "png")):
@@ -328,3 +328,17 @@ def test_eval_visualize_writes_pictures(tmp_path, capsys):
     assert chart.ndim == 3 and chart.shape[0] > 30 and sheet.shape[0] > 4 * 140
     summary = json.loads((out / "summary.json").read_text())
     assert summary["encoder"] == "efficientnet-lite0" and summary["processes"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["segment", "--support", "{s}", "--mask", "{m}", "--query", "{s}", "--augment", "hed:2",
+      "--augment-resolution", "100000"], "resolution=100000 exceeds the limit of 1,024"),
+    (["train", "diffup", "--dataset", "folder", "--root", "{t}/nowhere", "--input-size", "100000"],
+     "input_size=100000 exceeds the limit of 2,048"),
+    (["eval", "--dataset", "folder", "--root", "{t}/nowhere", "--resolution", "100000"],
+     "resolution=100000 exceeds the limit of 4,096"),
+])
+def test_huge_sizes_are_refused_before_any_allocation(tmp_path, capsys, argv, message):
+    fill = dict(s=_photo(tmp_path, "s.png"), m=_mask(tmp_path, "m.png"), t=tmp_path)
+    code, _, err = _run([a.format(**fill) for a in argv] + ["--out", tmp_path / "o"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "o").exists()

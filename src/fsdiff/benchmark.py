@@ -73,9 +73,12 @@ def _check_settings(dataset: str, *, shots: int, protocol: str, calibrate_thresh
     if isinstance(visualize, bool) or int(visualize) < 0:
         raise FsdiffError(f"visualize={visualize!r}: give how many best and worst episodes to draw (0 = none).")
     if calibrate_threshold:
+        from fsdiff.limits import MAX_EPISODES, check_count
+
         if isinstance(calibrate_threshold, bool) or int(calibrate_threshold) < 1:
             raise FsdiffError(f"calibrate_threshold={calibrate_threshold!r}: give a positive number of validation "
                               "episodes (or 0 for no calibration).")
+        check_count(calibrate_threshold, "calibrate_threshold", MAX_EPISODES, minimum=1)
         if test_split(dataset) is None:
             raise FsdiffError(f"calibrate_threshold needs a benchmark with base classes (coco, pascal, fss1000), "
                               f"not {dataset}.")

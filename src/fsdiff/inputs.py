@@ -18,7 +18,17 @@ from PIL import Image
 
 from fsdiff.episode import BoxAnnotation, PointsAnnotation, ScribbleAnnotation
 from fsdiff.errors import FsdiffError
-from fsdiff.io import sixteen_bit_to_uint8, image_to_rgb_array, mask_from_array, mask_from_pil, read_image, read_mask
+from fsdiff.io import (
+    check_scribble,
+    image_to_rgb_array,
+    mask_from_array,
+    mask_from_pil,
+    read_image,
+    read_mask,
+    read_scribble,
+    sixteen_bit_to_uint8,
+)
+from fsdiff.limits import check_image_size
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 """A file path, a PIL image or a numpy array."""
@@ -37,6 +47,8 @@ def describe(value: Any) -> str:
 
 
 def _array_to_rgb(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.ndim in (2, 3):
+        check_image_size(arr.shape[1], arr.shape[0], what)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)) or 0 in arr.shape[:2]:
@@ -61,6 +73,7 @@ def to_image(value: ImageLike, what: str = "image") -> np.ndarray:
     if isinstance(value, (str, os.PathLike)):
         return read_image(value)
     if isinstance(value, Image.Image):
+        check_image_size(value.width, value.height, what)
         try:
             value.load()
         except (OSError, ValueError) as exc:
@@ -79,6 +92,8 @@ def to_mask(value: ImageLike, class_value: ClassValue = None, what: str = "mask"
         return mask_from_pil(value, class_value=class_value, source=what)
     if not isinstance(value, np.ndarray):
         raise FsdiffError(f"{what}: expected a file path, a PIL image or a numpy array, got {type(value).__name__}.")
+    if value.ndim >= 2:
+        check_image_size(value.shape[1], value.shape[0], what)
     if value.dtype == bool:
         return value.astype(np.uint8)
     if np.issubdtype(value.dtype, np.floating):
@@ -104,9 +119,15 @@ def to_box(value: str | Sequence[float], where: str = "") -> BoxAnnotation:
 
 def to_scribble(value: ImageLike, what: str = "scribble") -> ScribbleAnnotation:
     """Strokes from a path, a PIL image or an array: 1 or 255 = object, 2 or 128 = background, else unknown."""
+    if isinstance(value, (str, os.PathLike)):
+        return ScribbleAnnotation.from_array(read_scribble(value))
     if isinstance(value, np.ndarray) and value.ndim == 2 and (np.issubdtype(value.dtype, np.integer) or value.dtype == bool):
-        return ScribbleAnnotation.from_array(value.astype(np.uint8))
-    return ScribbleAnnotation.from_array(to_image(value, what).max(axis=2))
+        check_image_size(value.shape[1], value.shape[0], what)
+        arr = value.astype(np.uint8)
+    else:
+        arr = to_image(value, what).max(axis=2)
+    check_scribble(arr, what)
+    return ScribbleAnnotation.from_array(arr)
 
 
 def to_points(value: Sequence[Sequence[float]], where: str = "") -> PointsAnnotation:

@@ -61,7 +61,9 @@ def check_resolution(resolution: Resolution) -> Resolution:
         if text.isdigit():
             resolution = int(text)
     if isinstance(resolution, (int, np.integer)) and not isinstance(resolution, bool) and resolution > 0:
-        return int(resolution)
+        from fsdiff.limits import MAX_SCORE_RESOLUTION, check_side
+
+        return check_side(int(resolution), "resolution", MAX_SCORE_RESOLUTION)
     raise FsdiffError(
         f"scoring resolution must be 'original' or a positive size such as {HSNET_SIZE} (HSNet), "
         f"got {resolution!r}."

@@ -108,7 +108,9 @@ def parse_condition(text: str, *, default_n: int = DEFAULT_SAMPLES) -> tuple[str
         ) from None
     if n < 1:
         raise FsdiffError(f"condition {text!r}: the number of generated images must be at least 1, got {n}.")
-    return kind, n
+    from fsdiff.limits import MAX_GENERATED_PER_SUPPORT, check_count
+
+    return kind, check_count(n, f"images per support in {text!r}", MAX_GENERATED_PER_SUPPORT, minimum=1)
 
 
 # ----------------------------------------------------------------------------------------------

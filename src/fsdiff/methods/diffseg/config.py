@@ -16,6 +16,7 @@ from typing import Any
 
 from fsdiff.diffusion.loading import KANDINSKY_DECODER_ID, KANDINSKY_PRIOR_ID
 from fsdiff.errors import FsdiffError
+from fsdiff.limits import MAX_SIDE, check_side
 
 _RUNTIME_FIELDS = ("device", "dtype")
 """Fields not written into a checkpoint: they describe the machine, not the model."""
@@ -105,6 +106,7 @@ class DiffSegConfig:
 
         if not isinstance(self.input_size, int) or self.input_size < 8:
             raise bad("input_size", "must be an integer >= 8 (a multiple of the MoVQ scale factor, 8).")
+        check_side(self.input_size, "DiffSegConfig.input_size", MAX_SIDE, minimum=8)
         if not 0 <= int(self.timestep) < 1000:
             raise bad("timestep", "must lie in 0..999 (the scheduler's training timesteps).")
         if not self.attention_resolutions or min(self.attention_resolutions) < 1:

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fsdiff.errors import FsdiffError
+from fsdiff.limits import MAX_SIDE, check_side
 
 PRIOR_MAPS: tuple[str, ...] = ("proto", "pix", "contrast", "self")
 """BAFT maps a level can give: fg prototype cosine, fg pixel-max cosine (both min-max normalised per episode),
@@ -135,8 +136,7 @@ class DiffUpConfig:
         def bad(name: str, why: str) -> None:
             raise FsdiffError(f"DiffUpConfig.{name}: {why} (got {getattr(self, name)!r}).")
 
-        if self.input_size < 32:
-            bad("input_size", "must be at least 32 pixels")
+        check_side(self.input_size, "DiffUpConfig.input_size", MAX_SIDE, minimum=32)
         for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
                      "layers_per_block", "cond_channels", "dqm_channels",
                      "uapf_hidden_channels", "uapf_type_embed_dim", "attention_head_dim", "ddim_steps",
