@@ -391,7 +391,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
         from fsdiff.app import launch
         import gradio  # noqa: F401
     except ImportError:
-        raise FsdiffError('the web app needs gradio: pip install "fsdiff[app]" (or pip install "gradio>=5,<7").') from None
+        raise FsdiffError('the web app needs gradio: pip install "fsdiff[app]" (or pip install "gradio>=6,<7").') from None
     print(f"fsdiff app: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
     launch(args.host, args.port, args.share)
     return 0

@@ -48,8 +48,9 @@ def problem(text: str) -> str:
     return f"**Cannot do that:** {text}"
 
 
-def guarded(n_outputs: int) -> Callable:
-    """Run a handler; on bad input leave every output as it is and put the message in the status line (last output)."""
+def guarded(n_outputs: int, clear: tuple[int, ...] = ()) -> Callable:
+    """Run a handler; on bad input leave every output as it is (except those in ``clear``, emptied: a refused
+    upload) and put the message in the status line (the last output)."""
     def wrap(fn: Callable) -> Callable:
         @wraps(fn)
         def inner(*args: Any, **kwargs: Any):
@@ -61,7 +62,7 @@ def guarded(n_outputs: int) -> Callable:
                 log.error("app handler %s failed:\n%s", fn.__name__, traceback.format_exc())
                 message = f"internal error ({type(exc).__name__}: {exc}); the server log has the details."
             gr.Warning(message)
-            skipped = [gr.skip()] * (n_outputs - 1)
+            skipped = [None if i in clear else gr.skip() for i in range(n_outputs - 1)]
             return (*skipped, problem(message)) if n_outputs > 1 else problem(message)
         return inner
     return wrap
@@ -133,7 +134,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
                                             elem_id="mask-file")
                 class_name = gr.Textbox(label="Class name (optional)", placeholder="e.g. fish", elem_id="class-name")
                 add_support = gr.Button("Add support", variant="primary", elem_id="add-support")
-                supports = gr.Gallery(label="Supports (K shots)", columns=3, height=260, allow_preview=False,
+                supports = gr.Gallery(label="Supports (K shots)", columns=3, height=260, allow_preview=False, object_fit="contain",
                                       elem_id="supports", buttons=[])
                 remove_support = gr.Button("Remove selected support", size="sm", elem_id="remove-support")
             with gr.Column(scale=3):
@@ -150,7 +151,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
                 with gr.Row():
                     threshold = gr.Slider(0.01, 0.99, value=0.5, step=0.01, label="Threshold", elem_id="threshold")
                     view = gr.Radio(list(actions.VIEWS), value="overlay", label="Show", elem_id="view")
-                results = gr.Gallery(label="Results (select one to correct it)", columns=3, height=420,
+                results = gr.Gallery(label="Results (select one to correct it)", columns=3, height=420, object_fit="contain",
                                      allow_preview=False, elem_id="results", buttons=[])
                 gr.Markdown("### 3. Correct the selected result and add it as a support")
                 correct_editor = gr.ImageEditor(label="Correct the mask (green = object; eraser or red removes)",
@@ -199,7 +200,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
         tab_clicks.select(lambda: "clicks", None, tool, **PRIVATE)
         tab_mask.select(lambda: "mask file", None, tool, **PRIVATE)
 
-        @guarded(4)
+        @guarded(4, clear=(2,))
         def on_support_file(path, request: gr.Request):
             s = session(request)
             try:
@@ -258,7 +259,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
         remove_support.click(on_remove_support, None, [supports, status], **PRIVATE)
 
         # ------------------------------------------------------------------ queries, method, run
-        @guarded(3)
+        @guarded(3, clear=(1,))
         def on_queries(paths, request: gr.Request):
             s = session(request)
             paths = list(paths or [])
