@@ -168,6 +168,19 @@ def test_browser_session_end_to_end(app, tmp_path):
         number.press("Enter")
         page.wait_for_function("(old) => { const i = document.querySelector('#results img');"
                                " return i && i.getAttribute('src') !== old; }", arg=before[0], timeout=30000)
+        # a second user sees only the bundled example, never this user's photos
+        other = browser.new_context().new_page()
+        other.goto(app["url"])
+        wait_status(other, "Example loaded")
+        assert "fish16" not in other.inner_text("#results") and "fish12" not in other.inner_text("#supports")
+        other.close()
+        # correct a result and add it as a support: the other query is segmented again with K = 2
+        page.locator("#results button, #results .thumbnail-item").first.click()
+        wait_status(page, "Correct fish16.jpg")
+        page.wait_for_timeout(1500)
+        page.click("#add-corrected")
+        wait_status(page, "fish16.jpg added as support 2. Segmented 1 query with 2 supports")
+        assert "fish16.jpg (corrected)" in page.inner_text("#results")
         if os.environ.get("FSDIFF_UPDATE_SCREENSHOT") == "1":
             page.evaluate("window.scrollTo(0, 0)")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
