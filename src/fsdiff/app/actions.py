@@ -73,7 +73,7 @@ def _draft(session: AppSession) -> Picture:
 
 def click(session: AppSession, x: float, y: float, mode: str) -> np.ndarray:
     """Record a click on the support picture; returns the picture with the clicks drawn."""
-    pic = _draft(session)
+    _draft(session)
     if mode not in CLICK_MODES:
         raise FsdiffError(f"click mode {mode!r}: choose one of {', '.join(CLICK_MODES)}.")
     with session.lock:

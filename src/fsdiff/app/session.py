@@ -138,6 +138,10 @@ class AppSession:
         """Write ``pictures`` (arrays, captions) for one page element into a fresh sub-folder, dropping the
         element's previous pictures; returns (path, caption) pairs. JPEG for display (never exported); ``fmt='png'``
         for an RGBA editor layer."""
+        with self.lock:
+            return self._render(slot, pictures, fmt)
+
+    def _render(self, slot: str, pictures: list[tuple[np.ndarray, str]], fmt: str) -> list[tuple[str, str]]:
         self.check_open()
         n = self._renders.get(slot, 0) + 1
         self._renders[slot] = n

@@ -303,7 +303,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
         def on_threshold(t: float, request: gr.Request):
             s = session(request)
             actions.set_threshold(s, t)
-            return gallery(s, "results", actions.result_pictures(s)), ""
+            return gallery(s, "results", actions.result_pictures(s)), gr.skip()
 
         threshold.change(on_threshold, threshold, [results, status], trigger_mode="always_last", **PRIVATE)
 
@@ -311,7 +311,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
         def on_view(v: str, request: gr.Request):
             s = session(request)
             actions.set_view(s, v)
-            return gallery(s, "results", actions.result_pictures(s)), ""
+            return gallery(s, "results", actions.result_pictures(s)), gr.skip()
 
         view.change(on_view, view, [results, status], **PRIVATE)
 
