@@ -109,8 +109,16 @@ def test_demo_writes_overlays(tmp_path, capsys):
     code, stdout, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
     assert code == 0, err
     overlays = sorted((tmp_path / "demo").rglob("*_overlay.jpg"))
-    assert len(overlays) == 2
-    assert "IoU" in stdout
+    assert len(overlays) == 5
+    assert (tmp_path / "demo" / "demo.json").is_file() and (tmp_path / "demo" / "contact_sheet.png").is_file()
+    assert "IoU" in stdout and "fish-from-box" in stdout and "mean" in stdout
+    # a second run replaces its own files; a file fsdiff did not write is refused before any work
+    assert _run(["demo", "--out", tmp_path / "demo"], capsys)[0] == 0
+    (tmp_path / "demo" / "contact_sheet.png").unlink()
+    (tmp_path / "demo" / "contact_sheet.png").write_text("mine")
+    code, _, err = _run(["demo", "--out", tmp_path / "demo"], capsys)
+    assert code == 2 and "fsdiff did not write" in err
+    assert (tmp_path / "demo" / "contact_sheet.png").read_text() == "mine"
 
 
 def _user_folder(root):
@@ -201,3 +209,122 @@ def test_method_arg_errors_and_missing_diffusion_models(tmp_path, capsys):
     )
     assert code == 2 and "kandinsky-community/kandinsky-2-2-prior" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_segment_query_folders_globs_points_threshold_and_formats(tmp_path, capsys):
+    s, m = _photo(tmp_path, "s.png"), _mask(tmp_path, "m.png")
+    qdir = tmp_path / "qs"
+    qdir.mkdir()
+    for i, ext in enumerate(("jpg", "png", "png")):
+        _photo(qdir, f"q{i}.{ext}", seed=i + 1)
+    (qdir / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code, stdout, err = _run(["segment", "--support", s, "--points", "32,24", "2,2,0", "--query", qdir,
+                              str(tmp_path / "qs" / "q*.jpg"), "--out", out, "--format", "png", "coco", "npz",
+                              "--no-overlay", "--threshold", "0.3", "--no-progress"], capsys)
+    assert code == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert "q0_jpg_mask.png" in names and "q0_jpg_1_prob.npz" in names and "q2_prob.png" in names
+    assert not [n for n in names if n.endswith("overlay.jpg")] and "predictions.coco.json" in names
+    prob = np.load(out / "q2_prob.npz")
+    mask = np.asarray(Image.open(out / "q2_mask.png")) == 255
+    assert float(prob["threshold"]) == pytest.approx(0.3) and np.array_equal(mask, prob["prob"] > 0.3)
+    assert len(json.loads((out / "predictions.coco.json").read_text())["images"]) == 4
+    assert "wrote 4 predictions" in stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--query", "{t}/none"], "--query {t}/none: no such file or folder"),
+    (["--query", "{t}/empty"], "the folder holds no image"),
+    (["--query", "{t}/*.gif"], "the pattern matches no file"),
+    (["--points", "3,x"], "--points '3,x': expected X,Y"),
+    (["--points", "3,4,7"], "LABEL 1 (object) or 0"),
+    (["--threshold", "1.5"], "--threshold 1.5: must be a number strictly between 0 and 1"),
+    (["--out", "{t}/file.txt"], "--out '{t}/file.txt' is a file"),
+    (["--out", "{t}/file.txt/sub"], "lies below the file"),
+])
+def test_segment_bad_new_flags(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    args = [a.format(t=tmp_path) for a in args]
+    base = {"--query": [_photo(tmp_path, "q.png")], "--out": [tmp_path / "out"]}
+    for flag in ("--query", "--out"):
+        if flag in args:
+            base.pop(flag)
+    support = ["--support", _photo(tmp_path, "s.png")]
+    support += args[:2] if args[0] == "--points" else ["--mask", _mask(tmp_path, "m.png")]
+    rest = args[2:] if args[0] == "--points" else args
+    argv = ["segment", *support, *rest, *[v for k, vs in base.items() for v in (k, *vs)], "--no-progress"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and message.format(t=tmp_path) in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_segment_never_replaces_a_users_file(tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    q = _photo(work, "b.jpg")
+    (work / "b_mask.png").write_bytes(b"mine")
+    argv = ["segment", "--support", _photo(tmp_path, "s.png"), "--mask", _mask(tmp_path, "m.png"), "--query", q,
+            "--out", work, "--no-progress"]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "b_mask.png already exist" in err and "--overwrite" in err
+    assert (work / "b_mask.png").read_bytes() == b"mine" and sorted(p.name for p in work.iterdir()) == ["b.jpg", "b_mask.png"]
+    code, _, err = _run([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+
+
+def test_interrupted_segment_says_what_finished(tmp_path, capsys, monkeypatch):
+    from fsdiff.api import Segmenter
+
+    queries = [_photo(tmp_path, f"q{i}.png", seed=i) for i in range(3)]
+    real = Segmenter.predict_prepared
+    calls = []
+
+    def stop_at_third(self, episode):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, episode)
+
+    monkeypatch.setattr(Segmenter, "predict_prepared", stop_at_third)
+    out = tmp_path / "out"
+    code, _, err = _run(["segment", "--support", _photo(tmp_path, "s.png"), "--mask", _mask(tmp_path, "m.png"),
+                         "--query", *queries, "--out", out, "--no-progress"], capsys)
+    assert code == 130 and "2 of 3 queries finished" in err and "fsdiff_outputs.jsonl" in err
+    done = [json.loads(x) for x in (out / "fsdiff_outputs.jsonl").read_text().splitlines()]
+    assert [e["stem"] for e in done if e["state"] == "done"] == ["q0", "q1"]
+    assert not (out / "q2_mask.png").exists()
+
+
+def test_methods_lists_every_method_with_its_state(capsys):
+    code, stdout, _ = _run(["methods"], capsys)
+    assert code == 0
+    rows = {line.split()[0]: line for line in stdout.splitlines() if line and not line.startswith(" ")}
+    assert set(rows) == {"prototype", "diffup", "diffseg", "diffseg-prior"}
+    assert "ready" in rows["prototype"] and "NOT READY" in rows["diffseg-prior"]
+    assert "hf download kandinsky-community/kandinsky-2-2-prior" in stdout
+
+
+def test_help_describes_methods_and_encoders(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    out = capsys.readouterr().out
+    for line in ("prototype: training-free", "diffup: DiffUp", "efficientnet-lite2: EfficientNet-Lite2", "hf:ID|DIR"):
+        assert line in out
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--dataset", "folder", "--root", "x", "--out", "y", "--method", "nope"])
+    assert exc.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_eval_visualize_writes_pictures(tmp_path, capsys):
+    root = _user_folder(tmp_path / "ds")
+    out = tmp_path / "report"
+    code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--episodes", "4", "--visualize", "2",
+                         "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    chart = np.asarray(Image.open(out / "per_class_iou.png"))
+    sheet = np.asarray(Image.open(out / "episodes_best_worst.png"))
+    assert chart.ndim == 3 and chart.shape[0] > 30 and sheet.shape[0] > 4 * 140
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["encoder"] == "efficientnet-lite0" and summary["processes"] == 1

@@ -263,7 +263,7 @@ def test_k_shot_mean_of_identical_shots_equals_one_shot(tiny: Any, parts: Any, t
 
 
 def test_full_segmenter_needs_a_checkpoint(parts: Any, tmp_path: Path) -> None:
-    with pytest.raises(FsdiffError, match="fsdiff train diffseg.*--checkpoint"):
+    with pytest.raises(FsdiffError, match="fsdiff train diffseg.*checkpoint=DIR"):
         build_diffseg(parts=parts, **SMALL)
     with pytest.raises(FsdiffError, match="missing does not exist"):
         build_diffseg(checkpoint=tmp_path / "missing", parts=parts, **SMALL)

@@ -207,7 +207,7 @@ def test_text_prior_path(checkpoint, source, tmp_path):
 def test_bad_checkpoints(checkpoint, tmp_path):
     with pytest.raises(FsdiffError, match="does not exist.*fsdiff_checkpoint.json"):
         DiffUpSegmenter(tmp_path / "nowhere")
-    with pytest.raises(FsdiffError, match="PASCAL.*--checkpoint"):
+    with pytest.raises(FsdiffError, match="PASCAL.*checkpoint=DIR"):
         build_diffup(benchmark=dict(dataset="pascal", fold=0))  # no shipped checkpoint keeps PASCAL classes unseen
     broken = tmp_path / "broken"
     shutil.copytree(checkpoint, broken)

@@ -28,9 +28,9 @@ def test_bundled_examples_exist_and_are_licensed():
     ex = REPO / "src" / "fsdiff" / "assets" / "examples"
     manifest = json.loads((ex / "examples.json").read_text())
     licences = (ex / "LICENSES.md").read_text()
-    for ep in manifest["episodes"]:
-        for item in ep["support"] + ep["queries"]:
-            for key in ("image", "mask", "reference_mask"):
-                if key in item:
-                    assert (ex / item[key]).is_file(), item[key]
-                    assert item[key] in licences, f"{item[key]} has no licence line"
+    for photo in manifest["photos"].values():
+        assert (ex / photo["image"]).is_file() and (ex / photo["mask"]).is_file(), photo
+        assert f"| {photo['image']} |" in licences, f"{photo['image']} has no licence line"
+    shipped = {p.name for p in ex.iterdir()} - {"examples.json", "LICENSES.md"}
+    listed = {v for photo in manifest["photos"].values() for v in photo.values()}
+    assert shipped == listed, "every bundled file is a listed photo or mask"

@@ -26,7 +26,6 @@ from fsdiff.output import OutputFolder, WrittenPrediction
 from fsdiff.pipeline import Pipeline
 
 DEFAULT_METHOD = "prototype"
-EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
 
 __all__ = ["DEFAULT_METHOD", "SegmentResult", "Segmenter", "build_segmenter", "demo", "evaluate_benchmark",
            "load_query", "load_shot", "open_source", "parse_class_value", "segment", "test_split", "train"]
@@ -73,11 +72,11 @@ def load_shot(
     if mask is not None:
         ann = MaskAnnotation(to_mask(mask, class_value, f"mask of support {label}"))
     elif box is not None:
-        ann = to_box(box, f"box of support {label}")
+        ann = to_box(box, f"support {label}: ")
     elif scribble is not None:
         ann = to_scribble(scribble, f"scribble of support {label}")
     else:
-        ann = to_points(points, f"points of support {label}")  # type: ignore[arg-type]
+        ann = to_points(points, f"support {label}: ")  # type: ignore[arg-type]
     return Shot(img, ann, image_id=label)
 
 
@@ -286,38 +285,11 @@ def _merge_field(fields: dict, key: str, value: Any, name: str) -> dict:
     return {**fields, key: value}
 
 
-@dataclass(frozen=True)
-class DemoResult:
-    """One bundled example: its name, the written files and the IoU against the reference mask."""
-
-    name: str
-    annotation: str
-    query: str
-    iou: float
-    files: WrittenPrediction
-
-
 def demo(out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD, encoder: str | None = None,
-         segmenter: Segmenter | None = None, overwrite: bool = False) -> list[DemoResult]:
-    """Segment the bundled example images with the default offline method and write overlays."""
-    import json
+         segmenter: Segmenter | None = None, overwrite: bool = False) -> list:
+    """Run the bundled demo (:func:`fsdiff.demo.run_demo`): one class from a mask, box, scribble, clicks and
+    5 shots; returns one :class:`fsdiff.demo.DemoRecord` per case (IoU in percent)."""
+    from fsdiff.demo import run_demo
 
-    from fsdiff.io import IGNORE
-    from fsdiff.metrics import binary_iou
-
-    manifest = json.loads((EXAMPLES_DIR / "examples.json").read_text())
-    seg = Segmenter.from_method(segmenter) if segmenter is not None else Segmenter(method, encoder=encoder)
-    results = []
-    for ep in manifest["episodes"]:
-        shots = []
-        for s in ep["support"]:
-            kwargs = {"mask": EXAMPLES_DIR / s["mask"]} if "mask" in s else {"box": s["box"]}
-            shots.append(load_shot(EXAMPLES_DIR / s["image"], **kwargs))
-        queries = [load_query(EXAMPLES_DIR / q["image"], gt=EXAMPLES_DIR / q["reference_mask"]) for q in ep["queries"]]
-        out_dir = Path(out) / ep["name"]
-        for q, r in zip(queries, seg.segment(shots, queries, class_name=ep["class_name"], out=out_dir,
-                                             overwrite=overwrite)):
-            assert r.files is not None
-            iou = binary_iou(r.mask, q.gt == 1, q.gt != IGNORE)
-            results.append(DemoResult(ep["name"], shots[0].annotation.kind, Path(q.image_id).name, iou, r.files))
-    return results
+    seg = segmenter if segmenter is not None else Segmenter(method, encoder=encoder)
+    return run_demo(out, seg, overwrite=overwrite)

@@ -28,7 +28,8 @@ _FLAGS = {
     "batch_size": "--batch-size", "mixed_precision": "--mixed-precision", "save_every": "--save-every",
 }
 _KNOWN = ("box", "mask", "scribble", "points", "threshold", "shots", "protocol", "visualize", "split", "out",
-          "checkpoint", "encoder", "fold", "ann", "steps", "lr", "warmup", "seed", "prior", "decoder", "config")
+          "checkpoint", "encoder", "fold", "ann", "steps", "lr", "warmup", "seed", "prior", "decoder", "config",
+          "overwrite")
 
 
 def cli_terms(message: str) -> str:
@@ -37,6 +38,7 @@ def cli_terms(message: str) -> str:
         name = m.group(1)
         return f"{_FLAGS.get(name, '--' + name.replace('_', '-'))} "
     names = "|".join(sorted(set(_FLAGS) | set(_KNOWN), key=len, reverse=True))
+    message = re.sub(rf"(?<![\w.\-])({names})=True\b", lambda m: flag(m).rstrip(), message)
     return re.sub(rf"(?<![\w.\-])({names})=", flag, message)
 
 
@@ -378,11 +380,13 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fsdiff.api import demo
+    from fsdiff.demo import CONTACT_SHEET, DEMO_JSON, format_demo_table
 
-    results = demo(args.out, segmenter=_segmenter(args), overwrite=args.overwrite)
-    for r in results:
-        print(f"{r.name}: 1-shot ({r.annotation} support) -> {r.query}: IoU {100 * r.iou:.1f}% vs the reference mask; overlay {r.files.overlay}")
-    print(f"wrote {len(results)} predictions under {args.out}/")
+    records = demo(args.out, segmenter=_segmenter(args), overwrite=args.overwrite)
+    print(format_demo_table(records))
+    out = Path(args.out)
+    print(f"IoU against the bundled reference masks. Open {out / CONTACT_SHEET} to see every case; numbers in "
+          f"{out / DEMO_JSON}.")
     return 0
 
 

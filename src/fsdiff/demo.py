@@ -25,20 +25,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fsdiff.episode import (
-    Annotation,
-    BoxAnnotation,
-    Episode,
-    MaskAnnotation,
-    PointsAnnotation,
-    Query,
-    ScribbleAnnotation,
-    Shot,
-)
+from fsdiff.episode import Annotation, BoxAnnotation, Episode, MaskAnnotation, PointsAnnotation, Query, Shot
 from fsdiff.errors import FsdiffError
 from fsdiff.io import read_image, read_mask, write_image, write_text
 from fsdiff.metrics import binary_iou
-from fsdiff.output import OVERLAY_COLOUR, WrittenPrediction, write_prediction
+from fsdiff.output import OutputFolder, WrittenPrediction
+from fsdiff.render import PREDICTION, draw_annotation, fit, outline
 from fsdiff.synth import synthesize_scribble
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "assets" / "examples"
@@ -50,9 +42,10 @@ LABEL_H = 18  # the label above each tile
 GAP = 8  # between tiles and below each row
 HEADER_H = 30  # the legend at the top of the sheet
 ROW_H = TITLE_H + LABEL_H + TILE_H + GAP
-ANNOTATION_COLOUR = (40, 220, 40)
-NEGATIVE_COLOUR = (40, 120, 255)
-REFERENCE_COLOUR = (255, 230, 0)
+REFERENCE = (255, 230, 0)
+"""Outline colour of the reference mask (yellow); supports use fsdiff.render's green / red, predictions orange."""
+DEMO_JSON = "demo.json"
+CONTACT_SHEET = "contact_sheet.png"
 
 
 @dataclass(frozen=True)
@@ -187,54 +180,14 @@ def build_case_episode(manifest: DemoManifest, case: DemoCase) -> Episode:
 # ----------------------------------------------------------------------------------------------------
 # contact sheet (numpy / OpenCV only)
 # ----------------------------------------------------------------------------------------------------
-def _fit(image: np.ndarray, interpolation: int = cv2.INTER_AREA) -> tuple[np.ndarray, float]:
-    """``image`` scaled to TILE_H rows, and the scale factor."""
-    scale = TILE_H / image.shape[0]
-    width = max(1, round(image.shape[1] * scale))
-    return cv2.resize(image, (width, TILE_H), interpolation=interpolation), scale
-
-
-def _fit_mask(mask: np.ndarray, width: int) -> np.ndarray:
-    """A boolean map resized (nearest) to a tile of ``width`` x TILE_H."""
-    return cv2.resize(mask.astype(np.uint8), (width, TILE_H), interpolation=cv2.INTER_NEAREST) > 0
-
-
-def _outline(tile: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int], thickness: int = 2) -> None:
-    """Draw the outer contours of ``mask`` (tile-sized, boolean) onto ``tile`` in place."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(tile, contours, -1, colour, thickness)
-
-
 def support_tile(shot: Shot) -> np.ndarray:
-    """A support photo with its annotation drawn: mask outline, box, strokes or click markers."""
-    tile, scale = _fit(shot.image)
-    tile = np.ascontiguousarray(tile)
-    ann = shot.annotation
-    if isinstance(ann, MaskAnnotation):
-        _outline(tile, _fit_mask(ann.mask == 1, tile.shape[1]), ANNOTATION_COLOUR)
-    elif isinstance(ann, BoxAnnotation):
-        x0, y0, x1, y1 = (round(v * scale) for v in ann.box)
-        cv2.rectangle(tile, (x0, y0), (max(x0, x1 - 1), max(y0, y1 - 1)), ANNOTATION_COLOUR, 2)
-    elif isinstance(ann, ScribbleAnnotation):
-        for value, colour in ((1, ANNOTATION_COLOUR), (2, NEGATIVE_COLOUR)):
-            strokes = cv2.dilate(_fit_mask(ann.strokes == value, tile.shape[1]).astype(np.uint8), np.ones((2, 2), np.uint8))
-            tile[strokes > 0] = colour
-    elif isinstance(ann, PointsAnnotation):
-        for (x, y), label in zip(np.asarray(ann.points), np.asarray(ann.labels)):
-            centre = (round(x * scale), round(y * scale))
-            cv2.circle(tile, centre, 6, (255, 255, 255), -1)
-            cv2.circle(tile, centre, 4, ANNOTATION_COLOUR if label == 1 else NEGATIVE_COLOUR, -1)
-    return tile
+    """A support photo with its annotation drawn (mask outline, box, strokes or clicks), TILE_H rows high."""
+    return fit(draw_annotation(shot.image, shot.annotation), TILE_H)
 
 
 def prediction_tile(image: np.ndarray, pred: np.ndarray, reference: np.ndarray, iou: float) -> np.ndarray:
     """The query with the prediction tinted, the reference outlined, and the IoU written in a corner."""
-    tile, _ = _fit(image)
-    pred_t, ref_t = _fit_mask(pred, tile.shape[1]), _fit_mask(reference, tile.shape[1])
-    out = tile.astype(np.float32)
-    out[pred_t] = 0.5 * out[pred_t] + 0.5 * np.asarray(OVERLAY_COLOUR, np.float32)
-    out = np.ascontiguousarray(out.round().clip(0, 255).astype(np.uint8))
-    _outline(out, ref_t, REFERENCE_COLOUR)
+    out = np.ascontiguousarray(fit(outline(outline(image, pred, PREDICTION, fill=0.5), reference, REFERENCE), TILE_H))
     text = f"IoU {iou:.1f}%"
     (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, 0.55, 1)
     cv2.rectangle(out, (0, 0), (tw + 8, th + 10), (0, 0, 0), -1)
@@ -274,7 +227,7 @@ def case_row(case: DemoCase, episode: Episode, pred: np.ndarray, iou: float) -> 
     """The contact-sheet row of one case: supports with annotations, the query, prediction vs reference."""
     query = episode.queries[0]
     tiles = [(f"support {s.image_id} ({case.annotation})", support_tile(s)) for s in episode.shots]
-    tiles.append((f"query {case.query}", _fit(query.image)[0]))
+    tiles.append((f"query {case.query}", fit(query.image, TILE_H)))
     tiles.append(("prediction vs reference", prediction_tile(query.image, pred, query.gt == 1, iou)))
     title = f"{case.name}: {len(episode.shots)}-shot, {case.annotation} annotation -> query {case.query}   IoU {iou:.1f}%"
     return render_row(title, tiles)
@@ -284,34 +237,36 @@ def case_row(case: DemoCase, episode: Episode, pred: np.ndarray, iou: float) -> 
 # running and reporting
 # ----------------------------------------------------------------------------------------------------
 def run_demo(out_dir: str | os.PathLike = "fsdiff-demo", segmenter=None, *,
-             examples_dir: str | os.PathLike = EXAMPLES_DIR) -> list[DemoRecord]:
+             examples_dir: str | os.PathLike = EXAMPLES_DIR, overwrite: bool = False) -> list[DemoRecord]:
     """Segment every demo case; write predictions, ``demo.json`` and ``contact_sheet.png`` under ``out_dir``.
 
-    ``segmenter`` is any fsdiff segmenter (``predict(episode)`` and ``threshold``); default: the
-    ``prototype`` method. Returns one record per case, IoU in percent.
+    ``segmenter``: an :class:`fsdiff.api.Segmenter` or any method object (default: ``prototype``). Every output
+    name is checked before any work (no file fsdiff did not write is replaced unless ``overwrite``).
+    Returns one record per case, IoU in percent.
     """
-    manifest = load_manifest(examples_dir)
-    if segmenter is None:
-        from fsdiff.api import build_segmenter
+    from fsdiff.api import Segmenter
 
-        segmenter = build_segmenter("prototype")
+    manifest = load_manifest(examples_dir)
     out = Path(out_dir)
+    top = OutputFolder(out, [], extra=(DEMO_JSON, CONTACT_SHEET), overwrite=overwrite)
+    for case in manifest.cases:  # refuse a conflicting file before anything runs
+        OutputFolder(out / case.name, [case.query], overwrite=overwrite)
+    seg = Segmenter.from_method(segmenter) if segmenter is not None else Segmenter("prototype")
     records, rows = [], []
     for case in manifest.cases:
         episode = build_case_episode(manifest, case)
-        prob = segmenter.predict(episode)[0]
         query = episode.queries[0]
-        pred = prob > segmenter.threshold
-        iou = 100.0 * binary_iou(pred, query.gt == 1, query.gt != 255)
-        files = write_prediction(out / case.name, case.query, query.image, prob, segmenter.threshold)
-        records.append(DemoRecord(case.name, case.annotation, case.shots, case.query, iou, files))
-        rows.append(case_row(case, episode, pred, iou))
-    legend = (f"fsdiff demo, class '{manifest.class_name}', method {getattr(segmenter, 'name', type(segmenter).__name__)}"
-              ":  green = support annotation,  red = prediction,  yellow = reference mask")
-    write_image(out / "contact_sheet.png", contact_sheet(rows, legend))
-    summary = {"class_name": manifest.class_name, "method": getattr(segmenter, "name", None),
-               "threshold": segmenter.threshold, "cases": [r.to_json(out) for r in records]}
-    write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
+        result = seg.segment(episode.shots, [query], class_name=manifest.class_name, out=out / case.name,
+                             overwrite=overwrite)[0]
+        iou = 100.0 * binary_iou(result.mask, query.gt == 1, query.gt != 255)
+        records.append(DemoRecord(case.name, case.annotation, case.shots, case.query, iou, result.files))
+        rows.append(case_row(case, episode, result.mask, iou))
+    legend = (f"fsdiff demo, class '{manifest.class_name}', method {seg.name}:  green = support annotation,  "
+              "orange = prediction,  yellow = reference mask")
+    top.write_file(CONTACT_SHEET, lambda p: write_image(p, contact_sheet(rows, legend)))
+    summary = {"class_name": manifest.class_name, "method": seg.name, "threshold": seg.threshold,
+               "cases": [r.to_json(out) for r in records]}
+    top.write_file(DEMO_JSON, lambda p: write_text(p, json.dumps(summary, indent=2) + "\n"))
     return records
 
 

@@ -90,15 +90,15 @@ def to_mask(value: ImageLike, class_value: ClassValue = None, what: str = "mask"
     return mask_from_array(value, class_value=class_value, source=what)
 
 
-def to_box(value: str | Sequence[float], what: str = "box") -> BoxAnnotation:
-    """A box from ``"x0,y0,x1,y1"`` or four numbers, in pixels (x1, y1 exclusive)."""
+def to_box(value: str | Sequence[float], where: str = "") -> BoxAnnotation:
+    """A box from ``"x0,y0,x1,y1"`` or four numbers, in pixels (x1, y1 exclusive); ``where`` prefixes messages."""
     parts = str(value).split(",") if isinstance(value, str) else value
     try:
         numbers = tuple(float(v) for v in parts)
     except (TypeError, ValueError):
         numbers = ()
     if len(numbers) != 4 or not all(np.isfinite(numbers)):
-        raise FsdiffError(f"{what}={value!r}: expected four numbers x0, y0, x1, y1 in pixels, e.g. (10, 20, 200, 180).")
+        raise FsdiffError(f"{where}box={value!r}: expected four numbers x0, y0, x1, y1 in pixels, e.g. (10, 20, 200, 180).")
     return BoxAnnotation(numbers)  # type: ignore[arg-type]
 
 
@@ -109,7 +109,7 @@ def to_scribble(value: ImageLike, what: str = "scribble") -> ScribbleAnnotation:
     return ScribbleAnnotation.from_array(to_image(value, what).max(axis=2))
 
 
-def to_points(value: Sequence[Sequence[float]], what: str = "points") -> PointsAnnotation:
+def to_points(value: Sequence[Sequence[float]], where: str = "") -> PointsAnnotation:
     """Clicks from ``[(x, y), ...]`` or ``[(x, y, label), ...]`` (label 1 = object, 0 = background; default 1)."""
     rows = []
     try:
@@ -119,9 +119,9 @@ def to_points(value: Sequence[Sequence[float]], what: str = "points") -> PointsA
                 raise ValueError
             rows.append((p[0], p[1], int(p[2]) if len(p) == 3 else 1))
     except (TypeError, ValueError):
-        raise FsdiffError(f"{what}={value!r}: expected (x, y) or (x, y, label) per click, label 1 (object) or 0 "
+        raise FsdiffError(f"{where}points={value!r}: expected (x, y) or (x, y, label) per click, label 1 (object) or 0 "
                           "(background), e.g. [(120, 80), (30, 40, 0)].") from None
     if not rows:
-        raise FsdiffError(f"{what}: no click given; pass at least one (x, y) on the object.")
+        raise FsdiffError(f"{where}points=[]: no click given; pass at least one (x, y) on the object.")
     pts = np.asarray([(x, y) for x, y, _ in rows], np.float64)
     return PointsAnnotation(pts, np.asarray([lab for _, _, lab in rows], np.int64))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,9 +110,13 @@ class WrittenPrediction:
 
 def coco_rle(mask: np.ndarray) -> dict:
     """The COCO RLE (``{'size': [h, w], 'counts': str}``) of a binary mask."""
+    import warnings
+
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    with warnings.catch_warnings():  # pycocotools vs numpy 2's copy= keyword
+        warnings.simplefilter("ignore", DeprecationWarning)
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
@@ -137,7 +141,9 @@ class OutputFolder:
     """An output folder: planned names per query, no foreign file replaced, per-query units, a completion record."""
 
     def __init__(self, out: str | os.PathLike, names: Sequence[str], *, formats: Sequence[str] = ("png",),
-                 overlay: bool = True, overwrite: bool = False, what: str = "out") -> None:
+                 overlay: bool = True, overwrite: bool = False, what: str = "out", extra: Sequence[str] = ()) -> None:
+        """``names``: the queries (one stem each); ``extra``: other file names the caller will write with
+        :meth:`write_file`, checked like the per-query files."""
         bad = [f for f in formats if f not in FORMATS]
         if bad or not formats:
             raise FsdiffError(f"formats={list(formats)!r}: choose among {', '.join(FORMATS)}.")
@@ -146,12 +152,13 @@ class OutputFolder:
         if self.dir.is_dir():
             remove_temporaries(self.dir)
         self.names = list(names)
+        self.extra = tuple(extra) + ((COCO_FILE,) if "coco" in self.formats else ())
         self.stems = unique_stems(self.names)
         self._ours = self._recorded()
         self._coco: list[tuple[str, np.ndarray, float]] = []
         self.done: list[str] = []
         if not overwrite:
-            self._refuse_foreign(what)
+            self._refuse_foreign()
 
     def planned(self, stem: str) -> WrittenPrediction:
         """The files a query with this stem gets."""
@@ -160,24 +167,33 @@ class OutputFolder:
                                  d / f"{stem}_overlay.jpg" if self.overlay else None,
                                  d / f"{stem}_prob.npz" if "npz" in self.formats else None)
 
-    def _recorded(self) -> set[str]:
+    def _recorded(self) -> dict[str, list | None]:
+        """File name -> [size, mtime_ns] when fsdiff finished writing it (None: it was being written)."""
         path = self.dir / MANIFEST
-        names: set[str] = set()
+        files: dict[str, list | None] = {}
         if path.is_file():
             for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
                 with contextlib.suppress(ValueError, TypeError, AttributeError):
-                    names.update(str(f) for f in json.loads(line).get("files", []))
-        return names
+                    entry = json.loads(line)
+                    stats = entry.get("stats") or {}
+                    for name in entry.get("files", []):
+                        files[str(name)] = stats.get(name, files.get(str(name)))
+        return files
 
-    def _refuse_foreign(self, what: str) -> None:
-        planned = [p for s in self.stems for p in self.planned(s).paths()]
-        if "coco" in self.formats:
-            planned.append(self.dir / COCO_FILE)
-        foreign = [p for p in planned if p.exists() and p.name not in self._ours]
+    def _is_ours(self, path: Path) -> bool:
+        """Whether fsdiff wrote ``path`` (and nobody replaced it since)."""
+        if path.name not in self._ours:
+            return False
+        stat = self._ours[path.name]
+        return stat is None or list(stat) == _stat(path)
+
+    def _refuse_foreign(self) -> None:
+        planned = [p for s in self.stems for p in self.planned(s).paths()] + [self.dir / n for n in self.extra]
+        foreign = [p for p in planned if p.exists() and not self._is_ours(p)]
         if foreign:
             shown = ", ".join(str(p) for p in foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            raise FsdiffError(f"{what}: {shown} already exist(s) and fsdiff did not write them; choose another output "
-                              "folder, move those files, or allow replacing them (overwrite=True).")
+            raise FsdiffError(f"{shown} already exist(s) in the output folder and fsdiff did not write them; choose "
+                              "another output folder, move those files, or allow replacing them (overwrite=True).")
 
     def _record(self, entry: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -201,18 +217,32 @@ class OutputFolder:
             _write_npz(files.npz, prob, threshold)
         if "coco" in self.formats:
             self._coco.append((Path(self.names[index]).name, mask, float(prob[mask].mean()) if mask.any() else 0.0))
-        self._record({"query": self.names[index], "stem": stem, "state": "done"})
+        done = files.paths()
+        self._record({"query": self.names[index], "stem": stem, "state": "done", "files": [p.name for p in done],
+                      "stats": {p.name: _stat(p) for p in done}})
         self.done.append(self.names[index])
         return files
+
+    def write_file(self, name: str, writer: Callable[[Path], None]) -> Path:
+        """Write one of the ``extra`` files with ``writer(path)`` (an atomic writer) and record it."""
+        if name not in self.extra:
+            raise FsdiffError(f"{name} was not planned for {self.dir}; list it in extra= when opening the folder.")
+        self._record({"state": "writing", "files": [name]})
+        writer(self.dir / name)
+        self._record({"state": "done", "files": [name], "stats": {name: _stat(self.dir / name)}})
+        return self.dir / name
 
     def finish(self, class_name: str) -> Path | None:
         """Write the COCO json of the finished queries (when asked for); returns its path."""
         if "coco" not in self.formats:
             return None
-        path = self.dir / COCO_FILE
-        self._record({"state": "writing", "files": [COCO_FILE]})
-        write_text(path, dumps(coco_document(self._coco, class_name)) + "\n")
-        return path
+        return self.write_file(COCO_FILE, lambda p: write_text(p, dumps(coco_document(self._coco, class_name)) + "\n"))
+
+
+def _stat(path: Path) -> list[int]:
+    """[size, mtime_ns] of a file: what tells a file fsdiff wrote from one put there later."""
+    st = path.stat()
+    return [int(st.st_size), int(st.st_mtime_ns)]
 
 
 def _write_npz(path: Path, prob: np.ndarray, threshold: float) -> None:

@@ -143,9 +143,9 @@ class DiffSegSegmenter(_DiffSegBase):
                  model: DiffSegModel | None = None, **kwargs: Any) -> None:
         if checkpoint is None and model is None:
             raise FsdiffError(
-                "diffseg: the full DiffSeg model needs trained PAM/SCM weights. Train them with "
-                "`fsdiff train diffseg` and pass the output folder with --checkpoint DIR (checkpoint=DIR), or use "
-                "the training-free method 'diffseg-prior'."
+                "diffseg: the full DiffSeg model needs trained PAM/SCM weights: train them (fsdiff.api.train('diffseg', "
+                "...) or `fsdiff train diffseg`) and pass the run folder as checkpoint=DIR, or use the training-free "
+                "method 'diffseg-prior'."
             )
         super().__init__(config, checkpoint=checkpoint, model=model, **kwargs)
 

@@ -48,9 +48,9 @@ def fold_name(fold: int) -> str:
 
 
 def _train_hint(dataset: str, fold: int | None) -> str:
-    fold_args = f"--fold {fold}" if fold is not None else "--fold I"
-    return (f"train one with `fsdiff train diffup --dataset {dataset} --root DATA {fold_args} --out DIR` and pass "
-            "--checkpoint DIR/final")
+    fold_arg = f"fold={fold}" if fold is not None else "fold=I"
+    return (f"train one on its base classes (fsdiff.api.train('diffup', {dataset!r}, DATA, DIR, {fold_arg}) or "
+            "`fsdiff train diffup`) and pass checkpoint=DIR/final")
 
 
 def shipped_checkpoint(
@@ -62,9 +62,9 @@ def shipped_checkpoint(
     elif dataset == "coco":
         if convention != "interleaved":
             raise FsdiffError(
-                f"the shipped DiffUp checkpoints hold out the interleaved COCO-20i folds; with --split-convention "
-                f"{convention} fold {fold}'s classes were seen in training. {_train_hint('coco', fold)} "
-                "--split-convention contiguous."
+                f"the shipped DiffUp checkpoints hold out the interleaved COCO-20i folds; with convention={convention!r} "
+                f"fold {fold}'s classes were seen in training: {_train_hint('coco', fold)} (with convention="
+                f"{convention!r})."
             )
         if fold not in SHIPPED_FOLDS:
             raise FsdiffError(f"there is no shipped DiffUp checkpoint for COCO-20i fold {fold!r}; use a fold in 0..3.")
