@@ -55,7 +55,7 @@ def app(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
            "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "FSDIFF_APP_THREADS": "1",
-           "FSDIFF_APP_MAX_PIXELS": str(MAX_PIXELS), "GRADIO_ANALYTICS_ENABLED": "False"}
+           "FSDIFF_APP_MAX_PIXELS": str(MAX_PIXELS), "FSDIFF_APP_MAX_FILE_MB": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(tmp / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "fsdiff", "app", "--port", str(port)], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -85,7 +85,12 @@ def status(page) -> str:
 
 
 def wait_status(page, text: str, timeout: float = 60) -> str:
-    page.wait_for_selector(f"#status:has-text({json.dumps(text)})", timeout=timeout * 1000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_selector(f"#status:has-text({json.dumps(text)})", timeout=timeout * 1000)
+    except PlaywrightTimeout:
+        pytest.fail(f"the page did not say {text!r} within {timeout} s; its status line says {status(page)!r}")
     return status(page)
 
 
@@ -134,6 +139,12 @@ def test_browser_session_end_to_end(app, tmp_path):
         wait_status(page, "notes.jpg is not an image file")
         upload(page, "#support-file", str(big))
         wait_status(page, "above the app's limit of 2,000,000 pixels")
+        # a file above the upload size limit (1 MB here) is refused by gradio before it arrives
+        heavy = tmp_path / "heavy.png"
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (700, 700, 3), dtype=np.uint8)).save(heavy)
+        assert heavy.stat().st_size > 1_000_000
+        upload(page, "#support-file", str(heavy))
+        page.wait_for_selector(".toast-body:has-text('exceed the maximum allowed size')", timeout=30000)
         # the support, and a box of zero area (two clicks in one column)
         upload(page, "#support-file", str(SUPPORT))
         wait_status(page, "Support image fish12.jpg")
@@ -151,7 +162,11 @@ def test_browser_session_end_to_end(app, tmp_path):
         click_fraction(page, "#support-clicks img", 0.92, 0.88)
         page.wait_for_timeout(800)
         page.click("#add-support")
-        wait_status(page, "Added support 1: fish12.jpg (box). K = 1.")
+        added = wait_status(page, "Added support 1: fish12.jpg (box (")
+        # the clicks landed where they were made, in the photo's own pixels (fish12.jpg is 320x214)
+        box = [int(v) for v in added.split("(box (", 1)[1].split(")", 1)[0].split(",")]
+        expected = [0.08 * 320, 0.12 * 214, 0.92 * 320 + 1, 0.88 * 214 + 1]
+        assert all(abs(b - e) <= 4 for b, e in zip(box, expected)), (box, expected)
         page.click("#clear-queries")
         wait_status(page, "Queries cleared")
         upload(page, "#query-files", [str(p) for p in QUERIES])
@@ -223,9 +238,9 @@ def test_browser_session_end_to_end(app, tmp_path):
         time.sleep(0.5)
     assert not session_dir.exists()
     root = session_dir.parents[1]
+    uploaded = {"notes.jpg", "huge.png", "heavy.png", "fish12.jpg", "fish16.jpg", "fish22.jpg"}
     leftovers = [p for p in root.rglob("*") if p.is_file() and "sessions" not in p.relative_to(root).parts
-                 and p.suffix.lower() in (".jpg", ".png") and p.name in {"notes.jpg", "huge.png", "fish12.jpg",
-                                                                          "fish16.jpg", "fish22.jpg"}]
+                 and p.name in uploaded]
     assert leftovers == []
     app["root"] = root
 

@@ -257,6 +257,7 @@ def test_segment_threshold_and_views_reuse_cached_maps(store, tmp_path):
         actions.segment(s, cache, "prototype", "", "thing")
     item = add_box_support(s, tmp_path)
     assert item.annotation == {"box": (4, 5, 21, 26)} and s.draft is None
+    assert actions.describe(item) == "box (4, 5, 21, 26)"
     with pytest.raises(FsdiffError, match="no query"):
         actions.segment(s, cache, "prototype", "", "thing")
     actions.add_queries(s, [write_png(tmp_path / "q1.png", gradient()), write_png(tmp_path / "q2.png", gradient())],

@@ -149,6 +149,17 @@ def add_support(session: AppSession, tool: str, paint_mode: str, editor_value: M
         return item
 
 
+def describe(item: SupportItem) -> str:
+    """A support's annotation in words: its kind, and the box or point count in original pixels."""
+    ann = item.annotation
+    if ann.get("box") is not None:
+        return "box ({}, {}, {}, {})".format(*(int(round(v)) for v in ann["box"]))
+    if ann.get("points") is not None:
+        n = len(ann["points"])
+        return f"{n} point{'s' if n != 1 else ''}"
+    return item.shot.annotation.kind
+
+
 def remove_support(session: AppSession, index: int | None) -> None:
     """Remove support ``index`` (the one selected in the gallery)."""
     with session.lock:

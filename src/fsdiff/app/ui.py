@@ -109,7 +109,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
             with gr.Column(scale=2):
                 gr.Markdown("### 1. Supports")
                 support_file = gr.File(label="Support image", file_types=list(IMAGE_SUFFIXES), type="filepath",
-                                       elem_id="support-file")
+                                       height=110, elem_id="support-file")
                 with gr.Tabs():
                     with gr.Tab("Paint", id="paint") as tab_paint:
                         paint_mode = gr.Radio(list(actions.PAINT_MODES), value="mask", label="Painting gives a",
@@ -140,7 +140,8 @@ def build_blocks(core: AppCore) -> gr.Blocks:
             with gr.Column(scale=3):
                 gr.Markdown("### 2. Queries")
                 query_files = gr.File(label="Query images, or a zip of images", file_count="multiple",
-                                      file_types=[*IMAGE_SUFFIXES, ".zip"], type="filepath", elem_id="query-files")
+                                      file_types=[*IMAGE_SUFFIXES, ".zip"], type="filepath", height=110,
+                                      elem_id="query-files")
                 with gr.Row():
                     method = gr.Dropdown(method_options, value="prototype", label="Method", elem_id="method")
                     encoder = gr.Dropdown(encoder_choices(), value=DEFAULT_ENCODER, label="Encoder", elem_id="encoder")
@@ -240,7 +241,7 @@ def build_blocks(core: AppCore) -> gr.Blocks:
                     discard_upload(mask_path, core.root)
             n = len(s.supports)
             return (gallery(s, "supports", actions.support_pictures(s)), None, None, None,
-                    ok(f"Added support {n}: {item.picture.name} ({item.shot.annotation.kind}). K = {n}."))
+                    ok(f"Added support {n}: {item.picture.name} ({actions.describe(item)}). K = {n}."))
 
         add_support.click(on_add_support, [tool, paint_mode, editor, mask_file],
                           [supports, editor, click_image, mask_file, status], **PRIVATE)
