@@ -84,7 +84,7 @@ def status(page) -> str:
     return page.inner_text("#status")
 
 
-def wait_status(page, text: str, timeout: float = 60) -> str:
+def wait_status(page, text: str, timeout: float = 90) -> str:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:

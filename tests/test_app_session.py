@@ -343,6 +343,7 @@ def test_support_tools_paint_scribble_and_mask_file(store, tmp_path):
     mask[3:9, 3:9] = 255
     item = actions.add_support(s, "mask file", "mask", None, write_png(tmp_path / "m.png", mask), CFG)
     assert item.shot.annotation.kind == "mask" and item.annotation["mask"].sum() == 36
+    assert actions.describe(item) == "mask of 36 object pixels in (3, 3, 9, 9)"
     actions.set_support_image(s, write_png(tmp_path / "d.png", gradient()), CFG)
     wrong = write_png(tmp_path / "wrong.png", np.zeros((10, 10), np.uint8) + 255)
     with pytest.raises(FsdiffError, match="does not match its image"):

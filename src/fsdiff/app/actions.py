@@ -157,6 +157,11 @@ def describe(item: SupportItem) -> str:
     if ann.get("points") is not None:
         n = len(ann["points"])
         return f"{n} point{'s' if n != 1 else ''}"
+    region = ann.get("mask") if ann.get("mask") is not None else ann.get("scribble")
+    if region is not None:
+        ys, xs = np.nonzero(np.asarray(region) == 1)
+        kind = "mask" if ann.get("mask") is not None else "scribble"
+        return f"{kind} of {len(ys):,} object pixels in ({xs.min()}, {ys.min()}, {xs.max() + 1}, {ys.max() + 1})"
     return item.shot.annotation.kind
 
 
