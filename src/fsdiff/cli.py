@@ -232,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="fsdiff-demo", metavar="DIR", help="output folder (default: ./fsdiff-demo)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in --out that fsdiff did not write")
     _add_method_args(p)
+    p = sub.add_parser("app", help="start the web app: annotate supports, segment your photos, correct, export (needs fsdiff[app])")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link (off by default)")
     return parser
 
 
@@ -386,6 +390,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_app(args: argparse.Namespace) -> int:
+    try:
+        from fsdiff.app import launch
+        import gradio  # noqa: F401
+    except ImportError:
+        raise FsdiffError('the web app needs gradio: pip install "fsdiff[app]" (or pip install "gradio>=6,<7").') from None
+    print(f"fsdiff app: serving on http://{args.host}:{args.port} (Ctrl-C stops it)", flush=True)
+    launch(args.host, args.port, args.share)
+    return 0
+
+
 def _parse_shard(text: str | None):
     if text is None:
         return None
@@ -461,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"segment": _cmd_segment, "eval": _cmd_eval, "methods": _cmd_methods, "demo": _cmd_demo,
-                "augment": _cmd_augment, "train": _cmd_train}
+                "augment": _cmd_augment, "train": _cmd_train, "app": _cmd_app}
     import threading
 
     in_main = threading.current_thread() is threading.main_thread()
