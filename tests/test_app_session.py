@@ -345,7 +345,9 @@ def test_support_tools_paint_scribble_and_mask_file(store, tmp_path):
     assert item.shot.annotation.kind == "mask" and item.annotation["mask"].sum() == 36
     assert actions.describe(item) == "mask of 36 object pixels in (3, 3, 9, 9)"
     actions.set_support_image(s, write_png(tmp_path / "d.png", gradient()), CFG)
-    wrong = write_png(tmp_path / "wrong.png", np.zeros((10, 10), np.uint8) + 255)
+    small = np.zeros((10, 10), np.uint8)
+    small[2:6, 2:6] = 255
+    wrong = write_png(tmp_path / "wrong.png", small)
     with pytest.raises(FsdiffError, match="does not match its image"):
         actions.add_support(s, "mask file", "mask", None, wrong, CFG)
     assert len(s.supports) == 3 and s.draft is not None  # the refused support keeps its picture for another try
