@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from fsdiff.app.export import COCO_POLYGONS, COCO_RLE, ZIP_NAME, ExportItem, polygons, write_export
+from fsdiff.app.export import COCO_POLYGONS, COCO_RLE, ZIP_NAME, ExportItem, write_export
+from fsdiff.output import coco_polygons as polygons
 from fsdiff.errors import FsdiffError
 
 

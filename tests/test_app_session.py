@@ -19,6 +19,7 @@ from fsdiff.app.session import SessionStore, safe_name
 from fsdiff.app.uploads import discard_upload, read_image_file, read_query_uploads
 from fsdiff.episode import Annotation, BoxAnnotation, MaskAnnotation
 from fsdiff.errors import FsdiffError
+from fsdiff.pipeline import Pipeline
 
 CFG = AppConfig()
 
@@ -70,6 +71,9 @@ class FakeSegmenter:
 
     def predict_prepared(self, episode):
         return [self._prob(q) for q in episode.queries]
+
+    refiner = None
+    predict_prepared_with_uncertainty = Pipeline.predict_prepared_with_uncertainty
 
     def _with_uncertainty(self, episode):
         @dataclass

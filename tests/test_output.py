@@ -26,12 +26,12 @@ def _prob(h=6, w=8):
 
 
 def test_writes_a_unit_per_query_and_records_it(tmp_path):
-    folder = OutputFolder(tmp_path / "o", ["q.jpg", "q.png"], formats=("png", "npz", "coco"))
+    folder = OutputFolder(tmp_path / "o", ["q.jpg", "q.png"], formats=("png", "npz", "coco", "coco-polygons"))
     assert not (tmp_path / "o").exists()  # nothing is created before the first write
     img = np.zeros((6, 8, 3), np.uint8)
     folder.write(0, img, _prob(), 0.5)
     folder.write(1, img, _prob() * 0.1, 0.5)
-    coco = folder.finish("thing")
+    coco, polys = folder.finish("thing")
     lines = [json.loads(x) for x in (tmp_path / "o" / MANIFEST).read_text().splitlines()]
     assert [(e.get("stem"), e["state"]) for e in lines[:4]] == [("q_jpg", "writing"), ("q_jpg", "done"),
                                                                   ("q_png", "writing"), ("q_png", "done")]
@@ -44,6 +44,9 @@ def test_writes_a_unit_per_query_and_records_it(tmp_path):
     decoded = mask_utils.decode({"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()})
     assert np.array_equal(decoded.astype(bool), _prob() > 0.5)
     assert ann["bbox"] == [2, 1, 4, 3] and ann["area"] == 12 and doc["categories"][0]["name"] == "thing"
+    poly = json.loads(polys.read_text())["annotations"][0]["segmentation"]
+    rles = mask_utils.frPyObjects(poly, 6, 8)
+    assert np.array_equal(mask_utils.decode(mask_utils.merge(rles)).astype(bool), _prob() > 0.5)
 
 
 def test_refuses_a_users_file_and_allows_its_own(tmp_path):

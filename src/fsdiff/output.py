@@ -29,11 +29,12 @@ from fsdiff.io import write_image, write_text
 from fsdiff.jsonutil import dumps
 
 OVERLAY_COLOUR = (255, 64, 32)
-FORMATS = ("png", "coco", "npz")
+FORMATS = ("png", "coco", "coco-polygons", "npz")
 """Output formats: ``png`` (``NAME_mask.png`` 0/255 and ``NAME_prob.png`` probability x 255), ``coco`` (one
-``predictions.coco.json`` with an RLE mask per query), ``npz`` (``NAME_prob.npz``: float32 ``prob`` and ``threshold``)."""
+``predictions.coco.json`` with an RLE mask per query: CVAT, pycocotools), ``coco-polygons``
+(``predictions.polygons.coco.json``: Label Studio), ``npz`` (``NAME_prob.npz``: float32 ``prob`` and ``threshold``)."""
 MANIFEST = "fsdiff_outputs.jsonl"
-COCO_FILE = "predictions.coco.json"
+COCO_FILES = {"coco": ("predictions.coco.json", "rle"), "coco-polygons": ("predictions.polygons.coco.json", "polygons")}
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = OVERLAY_COLOUR, alpha: float = 0.5) -> np.ndarray:
@@ -120,8 +121,31 @@ def coco_rle(mask: np.ndarray) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
-def coco_document(items: Sequence[tuple[str, np.ndarray, float]], class_name: str) -> dict:
-    """A COCO instances document: one image per (file name, binary mask, score), one annotation per non-empty mask."""
+def coco_polygons(mask: np.ndarray) -> list[list[float]]:
+    """COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` of a binary mask's outer outlines (holes filled).
+
+    The outlines are traced on the mask upsampled 2x (nearest) and shifted by half an upsampled pixel, which
+    pycocotools rasterises back to exactly the mask's pixels.
+    """
+    m = np.asarray(mask).astype(np.uint8)
+    h, w = m.shape
+    up = cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    out = []
+    for c in contours:
+        pts = c.reshape(-1, 2).astype(np.float64)
+        if len(pts) >= 3:
+            out.append([round(float(v), 2) for v in ((pts + 0.5) / 2.0).ravel()])
+    return out
+
+
+def coco_document(items: Sequence[tuple[str, np.ndarray, float]], class_name: str, *,
+                  segmentation: str = "rle") -> dict:
+    """A COCO instances document: one image per (file name, binary mask, score), one annotation per non-empty
+    mask. ``segmentation='rle'`` (exact; CVAT, pycocotools, detectron2 read it) or ``'polygons'`` (Label Studio's
+    COCO import reads polygons only)."""
+    if segmentation not in ("rle", "polygons"):
+        raise FsdiffError(f"segmentation={segmentation!r}: use 'rle' or 'polygons'.")
     images, anns = [], []
     for i, (name, mask, score) in enumerate(items, start=1):
         h, w = mask.shape
@@ -130,7 +154,8 @@ def coco_document(items: Sequence[tuple[str, np.ndarray, float]], class_name: st
             continue
         ys, xs = np.nonzero(mask)
         x0, y0 = int(xs.min()), int(ys.min())
-        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "segmentation": coco_rle(mask),
+        seg = coco_rle(mask) if segmentation == "rle" else coco_polygons(mask)
+        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "segmentation": seg,
                      "area": int(mask.sum()), "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
                      "iscrowd": 0, "score": float(score)})
     return {"info": {"description": "fsdiff predictions"}, "images": images, "annotations": anns,
@@ -152,7 +177,7 @@ class OutputFolder:
         if self.dir.is_dir():
             remove_temporaries(self.dir)
         self.names = list(names)
-        self.extra = tuple(extra) + ((COCO_FILE,) if "coco" in self.formats else ())
+        self.extra = tuple(extra) + tuple(COCO_FILES[f][0] for f in self.formats if f in COCO_FILES)
         self.stems = unique_stems(self.names)
         self._ours = self._recorded()
         self._coco: list[tuple[str, np.ndarray, float]] = []
@@ -215,7 +240,7 @@ class OutputFolder:
             write_image(files.overlay, overlay(image, mask))
         if files.npz is not None:
             _write_npz(files.npz, prob, threshold)
-        if "coco" in self.formats:
+        if any(f in COCO_FILES for f in self.formats):
             self._coco.append((Path(self.names[index]).name, mask, float(prob[mask].mean()) if mask.any() else 0.0))
         done = files.paths()
         self._record({"query": self.names[index], "stem": stem, "state": "done", "files": [p.name for p in done],
@@ -232,11 +257,14 @@ class OutputFolder:
         self._record({"state": "done", "files": [name], "stats": {name: _stat(self.dir / name)}})
         return self.dir / name
 
-    def finish(self, class_name: str) -> Path | None:
-        """Write the COCO json of the finished queries (when asked for); returns its path."""
-        if "coco" not in self.formats:
-            return None
-        return self.write_file(COCO_FILE, lambda p: write_text(p, dumps(coco_document(self._coco, class_name)) + "\n"))
+    def finish(self, class_name: str) -> list[Path]:
+        """Write the COCO json(s) of the finished queries (when asked for); returns their paths."""
+        written = []
+        for fmt in (f for f in self.formats if f in COCO_FILES):
+            name, kind = COCO_FILES[fmt]
+            doc = coco_document(self._coco, class_name, segmentation=kind)
+            written.append(self.write_file(name, lambda p, d=doc: write_text(p, dumps(d) + "\n")))
+        return written
 
 
 def _stat(path: Path) -> list[int]:

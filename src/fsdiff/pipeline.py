@@ -72,6 +72,17 @@ class Pipeline:
         probs = self.method.predict(episode)
         return probs if self.refiner is None else self.refiner(episode, probs)
 
+    def predict_prepared_with_uncertainty(self, episode: Episode) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """(refined probability, uncertainty or None) per query; the uncertainty comes from methods that give one
+        (``predict_with_uncertainty``, e.g. DiffUp), unrefined."""
+        with_unc = getattr(self.method, "predict_with_uncertainty", None)
+        if with_unc is None:
+            return [(p, None) for p in self.predict_prepared(episode)]
+        outs = with_unc(episode)
+        probs = [o.prob for o in outs]
+        probs = probs if self.refiner is None else self.refiner(episode, probs)
+        return [(p, o.uncertainty) for p, o in zip(probs, outs)]
+
     def predict(self, episode: Episode) -> list[np.ndarray]:
         """Probability of the episode's class for every pixel of every query."""
         return self.predict_prepared(self.prepare(episode))

@@ -5,8 +5,7 @@
   pycocotools and detectron2 read it too.
 * ``annotations_polygons.coco.json``: the same masks as polygons. Label Studio's COCO import (label-studio-sdk
   ``convert_coco_to_ls``) reads polygons only: it iterates ``segmentation`` as a list of polygons, so an RLE
-  dict is not imported. The outlines are traced on the mask upsampled 2x (nearest) and shifted by half an
-  upsampled pixel, which pycocotools rasterises back to exactly the mask's pixels; holes are filled.
+  dict is not imported (:func:`fsdiff.output.coco_polygons`: exact up to filled holes).
 
 The zip is written atomically inside the session folder (:func:`fsdiff.io.atomic_path`).
 """
@@ -20,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -43,32 +41,6 @@ class ExportItem:
     score: float
 
 
-def polygons(mask: np.ndarray) -> list[list[float]]:
-    """COCO polygons ``[[x0, y0, x1, y1, ...], ...]`` of a binary mask's outer outlines (see the module docstring)."""
-    m = np.asarray(mask).astype(np.uint8)
-    h, w = m.shape
-    up = cv2.resize(m, (2 * w, 2 * h), interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    out = []
-    for c in contours:
-        pts = c.reshape(-1, 2).astype(np.float64)
-        if len(pts) < 3:
-            continue
-        out.append([round(float(v), 2) for v in ((pts + 0.5) / 2.0).ravel()])
-    return out
-
-
-def polygon_document(document: dict, masks: Sequence[np.ndarray]) -> dict:
-    """``document`` (from :func:`fsdiff.output.coco_document`) with each RLE segmentation replaced by polygons."""
-    by_image = {i: m for i, m in enumerate(masks, start=1)}
-    anns = []
-    for ann in document["annotations"]:
-        polys = polygons(by_image[ann["image_id"]])
-        if polys:
-            anns.append({**ann, "segmentation": polys})
-    return {**document, "annotations": anns}
-
-
 def _png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
@@ -80,8 +52,8 @@ def write_export(folder: str | Path, items: Sequence[ExportItem], class_name: st
     if not items:
         raise FsdiffError("export: no segmented query yet; add queries and press Segment first.")
     name = class_name.strip() or "object"
-    doc = coco_document([(it.file_name, it.mask.astype(bool), it.score) for it in items], name)
-    poly = polygon_document(doc, [it.mask for it in items])
+    entries = [(it.file_name, it.mask.astype(bool), it.score) for it in items]
+    doc, poly = coco_document(entries, name), coco_document(entries, name, segmentation="polygons")
     target = Path(folder) / ZIP_NAME
     with atomic_path(target) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:

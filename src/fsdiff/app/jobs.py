@@ -51,16 +51,8 @@ def estimated_masks(prepared: Episode, k: int) -> list[np.ndarray | None]:
 
 def predict_one(seg, prepared: Episode, query: Query) -> tuple[np.ndarray, np.ndarray | None]:
     """One query's probability map (and uncertainty map where the method gives one)."""
-    episode = seg.with_queries(prepared, (query,))
-    method = getattr(seg, "method", None)
-    if hasattr(method, "predict_with_uncertainty"):
-        out = method.predict_with_uncertainty(episode)[0]
-        prob = np.asarray(out.prob, np.float32)
-        refiner = getattr(seg, "refiner", None)
-        if refiner is not None:
-            prob = np.asarray(refiner(episode, [prob])[0], np.float32)
-        return prob, np.asarray(out.uncertainty, np.float32)
-    return np.asarray(seg.predict_prepared(episode)[0], np.float32), None
+    prob, unc = seg.predict_prepared_with_uncertainty(seg.with_queries(prepared, (query,)))[0]
+    return np.asarray(prob, np.float32), None if unc is None else np.asarray(unc, np.float32)
 
 
 @dataclass
