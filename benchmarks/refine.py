@@ -3,7 +3,7 @@
 ``run`` predicts every episode once with a method (default ``prototype``, efficientnet-lite0) and scores the
 raw map and every refinement config on it, so all configs are compared on identical predictions. Per episode
 it records the foreground / background intersection and union of each config, the method's predict time and
-each refinement's time (same process, one thread). ``report`` pools the records into mIoU and FB-IoU per
+each refinement's time, wall-clock and process CPU time (same process, one torch and one OpenCV thread). ``report`` pools the records into mIoU and FB-IoU per
 setting, each config's paired difference to ``off`` with a seeded 95% bootstrap interval (over classes for
 the mIoU of a multi-class benchmark, over episodes for a one-class folder and for FB-IoU), and the refinement
 time as a fraction of the predict time.
@@ -30,6 +30,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -55,6 +56,7 @@ def _source(args, fold: int):
 def run(args) -> int:
     """Predict every episode once, refine with every config, and write one JSON of records per setting."""
     torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
     configs = [parse_refine(c) for c in args.configs]
     specs_text = [c.spec() for c in configs]
     if "off" not in specs_text:
@@ -86,20 +88,23 @@ def run(args) -> int:
                 t_start = time.perf_counter()
                 for spec in specs:
                     ep = convert_supports(build_episode(source, spec, names.get(spec.class_id)), kind, args.seed)
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     probs = seg.predict(ep)
-                    t_pred = time.perf_counter() - t0
+                    t_pred, c_pred = time.perf_counter() - t0, time.process_time() - c0
                     iu = np.zeros((len(configs), 4), np.int64)
                     t_ref = np.zeros(len(configs))
+                    c_ref = np.zeros(len(configs))
                     for q, prob in zip(ep.queries, probs):
                         for k, cfg in enumerate(configs):
-                            t0 = time.perf_counter()
+                            t0, c0 = time.perf_counter(), time.process_time()
                             r = refine(q.image, prob, cfg)
                             t_ref[k] += time.perf_counter() - t0
+                            c_ref[k] += time.process_time() - c0
                             inter, union = intersection_and_union(r > threshold, q.gt)
                             iu[k] += [inter[1], union[1], inter[0], union[0]]
                     records.append({"id": spec.episode_id, "class_id": int(spec.class_id), "predict_s": t_pred,
-                                    "refine_s": [round(float(t), 6) for t in t_ref], "iu": iu.tolist()})
+                                    "refine_s": [round(float(t), 6) for t in t_ref], "predict_cpu_s": c_pred,
+                                    "refine_cpu_s": [round(float(t), 6) for t in c_ref], "iu": iu.tolist()})
                 doc = {
                     "dataset": args.dataset, "method": args.method, "encoder": getattr(seg, "encoder_name", args.encoder),
                     "support": kind, "shots": shots, "fold": fold, "split": args.split or "val", "seed": args.seed,
@@ -153,15 +158,18 @@ def summarise(docs: list[dict], resamples: int = 10000, seed: int = 0) -> list[d
             cls = np.array([r["class_id"] for r in d["records"]])
             folds.append({"fold": d["fold"], "iu": iu, "cls": cls, "classes": sorted(int(c) for c in d["classes"]),
                           "pred": np.array([r["predict_s"] for r in d["records"]]),
-                          "ref": np.array([r["refine_s"] for r in d["records"]])})
+                          "ref": np.array([r["refine_s"] for r in d["records"]]),
+                          "pred_cpu": np.array([r.get("predict_cpu_s", np.nan) for r in d["records"]]),
+                          "ref_cpu": np.array([r.get("refine_cpu_s", [np.nan] * len(configs)) for r in d["records"]])})
         multi_class = sum(len(f["classes"]) for f in folds) > 1
 
         def per_class(f, iu):
-            """{(fold, class): IoU of every config} pooled over the class's episodes (absent class: 0)."""
+            """{(fold, class): IoU of every config} pooled over the class's episodes (classes with episodes only)."""
             out = {}
             for c in f["classes"]:
                 sel = f["cls"] == c
-                out[(f["fold"], c)] = _iou(iu[sel, :, 0].sum(0), iu[sel, :, 1].sum(0))
+                if sel.any():
+                    out[(f["fold"], c)] = _iou(iu[sel, :, 0].sum(0), iu[sel, :, 1].sum(0))
             return out
 
         def fbiou(f, iu):
@@ -189,11 +197,13 @@ def summarise(docs: list[dict], resamples: int = 10000, seed: int = 0) -> list[d
             fb_b = np.mean(fbs, axis=0)
             boot_fb.append(fb_b - fb_b[base])
             if not multi_class:
-                m = np.array([pcb[k] for k in keys]).mean(0)
+                m = np.array([pcb.get(k, pc[0] * 0) for k in keys]).mean(0)
                 boot_mi.append(m - m[base])
         boot_fb, boot_mi = np.array(boot_fb), np.array(boot_mi) if boot_mi else None
         pred = np.concatenate([f["pred"] for f in folds])
         ref = np.concatenate([f["ref"] for f in folds])
+        pred_cpu = np.concatenate([f["pred_cpu"] for f in folds])
+        ref_cpu = np.concatenate([f["ref_cpu"] for f in folds])
         for k, spec in enumerate(configs):
             row = {"dataset": key[0], "method": key[1], "split": key[2], "support": key[3], "shots": key[4],
                    "config": spec, "folds": [f["fold"] for f in folds], "episodes": int(len(pred)),
@@ -201,7 +211,8 @@ def summarise(docs: list[dict], resamples: int = 10000, seed: int = 0) -> list[d
                    "d_fbiou": float(fb[k] - fb[base]),
                    "fbiou_low": float(np.percentile(boot_fb[:, k], 2.5)), "fbiou_high": float(np.percentile(boot_fb[:, k], 97.5)),
                    "predict_ms": 1000 * float(pred.mean()), "refine_ms": 1000 * float(ref[:, k].mean()),
-                   "cost_ratio": float(ref[:, k].sum() / pred.sum())}
+                   "cost_ratio": float(ref[:, k].sum() / pred.sum()),
+                   "cost_ratio_cpu": float(ref_cpu[:, k].sum() / pred_cpu.sum())}
             if multi_class:
                 st = paired_stats(pc[:, base], pc[:, k], resamples=resamples, seed=seed)
                 row.update(d_miou=st["diff"], miou_low=st["low"], miou_high=st["high"], wins=st["wins"], losses=st["losses"],
@@ -231,17 +242,17 @@ def report(args) -> int:
     rows = summarise(docs, resamples=args.resamples)
     if args.only:
         rows = [r for r in rows if r["config"] in args.only]
-    print("| data | method | split | support | shots | config | eps | mIoU | Δ mIoU [95% CI] | W/L | FB-IoU | Δ FB-IoU [95% CI] | refine ms | predict ms | cost |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| data | method | split | support | shots | config | eps | mIoU | Δ mIoU [95% CI] | W/L | FB-IoU | Δ FB-IoU [95% CI] | refine ms | predict ms | cost (wall) | cost (CPU) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         off = r["config"] == "off"
         dm = "" if off else f"{r['d_miou']:+.2f} [{r['miou_low']:+.2f}, {r['miou_high']:+.2f}]"
         df = "" if off else f"{r['d_fbiou']:+.2f} [{r['fbiou_low']:+.2f}, {r['fbiou_high']:+.2f}]"
         wl = "" if off else f"{r['wins']}/{r['losses']}"
-        cost = "" if off else f"{r['cost_ratio']:.2f}"
+        cost = "" if off else f"{r['cost_ratio']:.2f} | {r['cost_ratio_cpu']:.2f}"
         print(f"| {r['dataset']} | {r['method']} | {r['split']} | {r['support']} | {r['shots']} | {r['config']} | "
               f"{r['episodes']} | {r['miou']:.2f} | {dm} | {wl} | {r['fbiou']:.2f} | {df} | {r['refine_ms']:.1f} | "
-              f"{r['predict_ms']:.0f} | {cost} |")
+              f"{r['predict_ms']:.0f} | {cost if cost else ' | '} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

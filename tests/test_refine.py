@@ -153,7 +153,7 @@ def test_config_is_validated_and_round_trips_through_its_spec():
     assert parse_refine(RefineConfig(method="grabcut", size=256).spec()) == RefineConfig(method="grabcut", size=256)
     for bad, needle in [("crf", "method 'crf'"), ("guided:radius=0", "radius 0"), ("guided:eps=-1", "eps -1"),
                         ("guided:domain=x", "domain 'x'"), ("guided:radius", "'radius' is not key=value"),
-                        ("guided:radius=a", "radius needs a int"), ("grabcut:sure=0.5", "sure 0.5"), ("", "refine spec")]:
+                        ("guided:radius=a", "radius needs an integer"), ("guided:detail=2", "detail 2.0"), ("guided:detail=x", "detail needs a number"), ("grabcut:sure=0.5", "sure 0.5"), ("", "refine spec")]:
         with pytest.raises(FsdiffError, match=None) as exc:
             parse_refine(bad)
         assert needle in str(exc.value), (bad, str(exc.value))

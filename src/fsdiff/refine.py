@@ -12,7 +12,10 @@ Methods (:class:`RefineConfig` ``method``):
   ``q = a^T I + b`` of the RGB guide ``I``, with ``a = (Sigma + eps U)^-1 cov(I, p)`` and
   ``b = mean(p) - a^T mean(I)``; ``a`` and ``b`` are averaged over the windows that cover a pixel. With
   ``domain="logit"`` the filter runs on the clipped logit of the map and the result goes back through a
-  sigmoid, so confident regions stay confident and only the uncertain band moves.
+  sigmoid, so confident regions stay confident and only the uncertain band moves. ``detail = d`` in [0, 1]
+  outputs ``GF(p) + d (p - box(box(p)))`` (``box`` = the window mean): where the guide is flat the filter
+  reduces to ``box(box(p))``, so d = 1 keeps ``p`` there and only adds what the image's edges change (a
+  small object is not eroded by a window larger than itself), d = 0 is the plain filter (a fsdiff variant).
   The coefficients are computed at a working size whose long side is ``size`` pixels and resized to the
   query's own resolution before they are applied to the full-resolution guide: the fast guided filter of
   He and Sun, "Fast Guided Filter" (arXiv:1505.00996, Sec. 2). Cost is O(size^2) plus a few passes over the
@@ -63,12 +66,16 @@ class RefineConfig:
     radius: int = 8
     eps: float = 1e-3
     domain: str = "prob"
+    detail: float = 0.0
     iterations: int = 3
     sure: float = 0.9
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise FsdiffError(f"RefineConfig method {self.method!r}: use one of {', '.join(METHODS)}.")
+        if not (isinstance(self.detail, (int, float, np.floating)) and not isinstance(self.detail, bool)
+                and 0.0 <= float(self.detail) <= 1.0):
+            raise FsdiffError(f"RefineConfig detail {self.detail!r}: give the fraction of the map's own detail to keep, in [0, 1].")
         if self.domain not in DOMAINS:
             raise FsdiffError(f"RefineConfig domain {self.domain!r}: use one of {', '.join(DOMAINS)}.")
         if isinstance(self.size, bool) or not isinstance(self.size, (int, np.integer)) or not 16 <= self.size <= 4096:
@@ -88,14 +95,14 @@ class RefineConfig:
         """The config as text that :func:`parse_refine` reads back, e.g. ``guided:radius=8,eps=0.001,domain=prob``."""
         if self.method == "off":
             return "off"
-        keys = ("size", "radius", "eps", "domain") if self.method == "guided" else ("size", "iterations", "sure")
+        keys = ("size", "radius", "eps", "domain", "detail") if self.method == "guided" else ("size", "iterations", "sure")
         return f"{self.method}:" + ",".join(f"{k}={getattr(self, k)}" for k in keys)
 
 
 OFF = RefineConfig(method="off")
 """No refinement."""
 
-_FIELDS = {"size": int, "radius": int, "eps": float, "domain": str, "iterations": int, "sure": float}
+_FIELDS = {"size": int, "radius": int, "eps": float, "domain": str, "detail": float, "iterations": int, "sure": float}
 
 
 def parse_refine(text: str) -> RefineConfig:
@@ -112,7 +119,8 @@ def parse_refine(text: str) -> RefineConfig:
         try:
             kwargs[key] = _FIELDS[key](value.strip())
         except ValueError:
-            raise FsdiffError(f"refine spec {text!r}: {key} needs a {_FIELDS[key].__name__}, got {value.strip()!r}.") from None
+            kind = {int: "an integer", float: "a number", str: "a word"}[_FIELDS[key]]
+            raise FsdiffError(f"refine spec {text!r}: {key} needs {kind}, got {value.strip()!r}.") from None
     return RefineConfig(method=method.strip(), **kwargs)
 
 
@@ -153,7 +161,9 @@ def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _box(x: np.ndarray, r: int) -> np.ndarray:
-    """Mean over the (2r+1)^2 window (reflected borders), per channel."""
+    """Mean over the (2r+1)^2 window (reflected borders) of a 2-D map or of each channel of a 3-D one."""
+    if x.ndim == 3 and x.shape[2] > 4:  # OpenCV's box filter is fastest on up to 4 channels
+        return np.dstack([_box(np.ascontiguousarray(x[..., c]), r) for c in range(x.shape[2])])
     return cv2.boxFilter(x, -1, (2 * r + 1, 2 * r + 1), normalize=True, borderType=cv2.BORDER_REFLECT)
 
 
@@ -164,31 +174,29 @@ def guided_coefficients(guide: np.ndarray, p: np.ndarray, radius: int, eps: floa
     ``(mean_a * guide).sum(-1) + mean_b``.
     """
     r = int(radius)
-    mean_i = _box(guide, r)
+    ch = [np.ascontiguousarray(guide[..., c], dtype=np.float32) for c in range(3)]
+    p = np.ascontiguousarray(p, dtype=np.float32)
+    mean_i = [_box(c, r) for c in ch]
     mean_p = _box(p, r)
-    cov_ip = _box(guide * p[..., None], r) - mean_i * mean_p[..., None]
-    # the symmetric 3x3 covariance of the guide in each window, plus eps on the diagonal
-    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-    prods = np.stack([guide[..., i] * guide[..., j] for i, j in pairs], axis=-1)
-    var = _box(prods, r) - np.stack([mean_i[..., i] * mean_i[..., j] for i, j in pairs], axis=-1)
-    rr, rg, rb, gg, gb, bb = (var[..., k] for k in range(6))
-    rr, gg, bb = rr + eps, gg + eps, bb + eps
-    # inverse by the adjugate: inv = adj / det, all entries per pixel
+    c0, c1, c2 = (_box(c * p, r) - m * mean_p for c, m in zip(ch, mean_i))
+
+    def var(i: int, j: int) -> np.ndarray:
+        return _box(ch[i] * ch[j], r) - mean_i[i] * mean_i[j]
+
+    # the symmetric 3x3 covariance of the guide in each window plus eps on the diagonal, inverted by its adjugate
+    rr, rg, rb, gg, gb, bb = var(0, 0) + eps, var(0, 1), var(0, 2), var(1, 1) + eps, var(1, 2), var(2, 2) + eps
     i_rr = gg * bb - gb * gb
     i_rg = gb * rb - rg * bb
     i_rb = rg * gb - gg * rb
     i_gg = rr * bb - rb * rb
     i_gb = rb * rg - rr * gb
     i_bb = rr * gg - rg * rg
-    det = rr * i_rr + rg * i_rg + rb * i_rb
-    c0, c1, c2 = cov_ip[..., 0], cov_ip[..., 1], cov_ip[..., 2]
-    a = np.stack([
-        i_rr * c0 + i_rg * c1 + i_rb * c2,
-        i_rg * c0 + i_gg * c1 + i_gb * c2,
-        i_rb * c0 + i_gb * c1 + i_bb * c2,
-    ], axis=-1) / det[..., None]
-    b = mean_p - (a * mean_i).sum(axis=-1)
-    return _box(a, r), _box(b, r)
+    inv_det = 1.0 / (rr * i_rr + rg * i_rg + rb * i_rb)
+    a = [(i_rr * c0 + i_rg * c1 + i_rb * c2) * inv_det,
+         (i_rg * c0 + i_gg * c1 + i_gb * c2) * inv_det,
+         (i_rb * c0 + i_gb * c1 + i_bb * c2) * inv_det]
+    b = mean_p - a[0] * mean_i[0] - a[1] * mean_i[1] - a[2] * mean_i[2]
+    return np.dstack([_box(x, r) for x in a]), _box(b, r)
 
 
 def guided_filter(guide: np.ndarray, p: np.ndarray, radius: int, eps: float) -> np.ndarray:
@@ -213,6 +221,8 @@ def _refine_guided(image: np.ndarray, prob: np.ndarray, config: RefineConfig) ->
     p = _resize(prob, work)
     x = _logit(p) if config.domain == "logit" else p
     mean_a, mean_b = guided_coefficients(guide_w, x, config.radius, float(config.eps))
+    if config.detail > 0:  # add back the map's own detail, x - box(box(x)), that a flat guide smooths away
+        mean_b = mean_b + np.float32(config.detail) * (x - _box(_box(x, config.radius), config.radius))
     if tuple(work) != tuple(shape):  # fast guided filter: coefficients to full size, applied to the full guide
         mean_a, mean_b = _resize(mean_a, shape), _resize(mean_b, shape)
         out = mean_b
