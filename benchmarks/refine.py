@@ -13,6 +13,7 @@ time as a fraction of the predict time.
     python benchmarks/refine.py run --dataset coco --folds 0 1 2 3 --shots 1 5 --episodes 300 \\
         --configs off guided --out runs/refine/coco --threads 1
     python benchmarks/refine.py report runs/refine/horses runs/refine/coco
+    python benchmarks/refine.py cost --configs guided grabcut     # CPU time on one photo at 0.1 to 12 megapixels
 
 ``--split trn`` scores coco's base classes (a validation set to choose the config on); ``--method diffup``
 uses the shipped checkpoint that never saw the benchmark fold's classes (``--fold-checkpoint 1`` for the
@@ -116,6 +117,42 @@ def run(args) -> int:
                 path.write_text(json.dumps(doc))
                 print(f"{path.name}: {len(records)} episodes, {doc['seconds']:.0f} s, load {doc['load_avg'][0]:.2f}",
                       file=sys.stderr, flush=True)
+    return 0
+
+
+def cost(args) -> int:
+    """Time predict (1-shot, features not cached) and refine on one real photo resized to each size; print a table."""
+    from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
+    from fsdiff.io import read_image, read_mask
+
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    root = Path(args.data or DATA / "weizmann-horse")
+    names = sorted(p.stem for p in (root / "images").iterdir())[:2]
+    imgs = [read_image(root / "images" / f"{n}.jpg") for n in names]
+    masks = [read_mask(root / "masks" / f"{n}.png") for n in names]
+    seg = build_segmenter("prototype", encoder=args.encoder)
+    seg.cache.max_bytes = 0  # a segment call encodes every image
+    configs = [parse_refine(c) for c in args.configs]
+    print(f"machine: {_machine(args.threads)}; load {os.getloadavg()[0]:.2f}; median of {args.reps} runs (CPU ms)\n")
+    print("| query size | predict | " + " | ".join(c.spec() for c in configs) + " |")
+    print("|---|---|" + "---|" * len(configs))
+    for size in args.sizes:
+        w, h = (int(v) for v in size.split("x"))
+        q_img = cv2.resize(imgs[1], (w, h), interpolation=cv2.INTER_LINEAR)
+        ep = Episode(0, "horse", (Shot(imgs[0], MaskAnnotation(masks[0])),), (Query(q_img),))
+        t_pred, t_ref = [], [[] for _ in configs]
+        for _ in range(args.reps):
+            c0 = time.process_time()
+            prob = seg.predict(ep)[0]
+            t_pred.append(time.process_time() - c0)
+            for k, cfg in enumerate(configs):
+                c0 = time.process_time()
+                refine(q_img, prob, cfg)
+                t_ref[k].append(time.process_time() - c0)
+        pm = 1000 * float(np.median(t_pred))
+        cells = [f"{1000 * float(np.median(t)):.0f} ({np.median(t) / np.median(t_pred):.2f})" for t in t_ref]
+        print(f"| {w}x{h} | {pm:.0f} | " + " | ".join(cells) + " |")
     return 0
 
 
@@ -285,8 +322,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", default=None, help="configs to show")
     p.add_argument("--resamples", type=int, default=10000)
     p.add_argument("--json", default=None)
+    c = sub.add_parser("cost", help="CPU time of predict and refine on one photo resized to several sizes")
+    c.add_argument("--data", default=None, help="a folder dataset (default: ../shared/data/weizmann-horse)")
+    c.add_argument("--encoder", default="efficientnet-lite0")
+    c.add_argument("--sizes", nargs="+", default=["400x300", "640x480", "1600x1200", "4000x3000"], help="WxH")
+    c.add_argument("--configs", nargs="+", default=["guided"])
+    c.add_argument("--reps", type=int, default=5)
+    c.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    return run(args) if args.cmd == "run" else report(args)
+    return {"run": run, "report": report, "cost": cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,8 @@ def test_refined_mask_follows_the_edge(config):
     img, gt, prob = _scene()
     before = _iou(prob > 0.5, gt)
     after = _iou(refine(img, prob, config) > 0.5, gt)
-    assert before < 0.92
-    assert after > before + 0.025, (before, after)
+    assert before < 0.92  # the coarse map misses the object's edge by a few pixels all round
+    assert after > 0.97, (before, after)
 
 
 def test_guided_filter_on_a_step_guide_snaps_a_ramp_to_the_step():
