@@ -114,9 +114,12 @@ def test_grabcut_without_foreground_seeds_returns_the_map():
 
 
 def test_a_large_photo_is_refined_at_the_working_size_and_returned_at_full_size():
-    img, gt, prob = _scene(h=2000, w=3000)
+    small_img, small_gt, small_prob = _scene()  # 240x320, enlarged 25-fold in area
+    img = cv2.resize(small_img, (3000, 2000), interpolation=cv2.INTER_NEAREST)
+    gt = cv2.resize(small_gt.astype(np.uint8), (3000, 2000), interpolation=cv2.INTER_NEAREST) > 0
+    prob = cv2.resize(small_prob, (3000, 2000), interpolation=cv2.INTER_LINEAR)
     assert working_shape(img.shape[:2], 512) == (341, 512)
-    for config in (RefineConfig(), RefineConfig(method="grabcut")):
+    for config in (RefineConfig(), RefineConfig(method="grabcut", size=128)):
         out = refine(img, prob, config)
         assert out.shape == (2000, 3000) and out.dtype == np.float32
         assert _iou(out > 0.5, gt) > _iou(prob > 0.5, gt)

@@ -216,31 +216,38 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
+def _resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 image (area averaging to shrink, bilinear to enlarge)."""
+    if tuple(image.shape[:2]) == tuple(shape):
+        return image
+    shrink = shape[0] * shape[1] < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def _refine_guided(image: np.ndarray, prob: np.ndarray, config: RefineConfig) -> np.ndarray:
     shape = image.shape[:2]
     work = working_shape(shape, config.size)
-    guide_w = _resize(image.astype(np.float32) / 255.0, work)
+    guide_w = _resize_image(image, work).astype(np.float32) * np.float32(1.0 / 255.0)
     p = _resize(prob, work)
     x = _logit(p) if config.domain == "logit" else p
     mean_a, mean_b = guided_coefficients(guide_w, x, config.radius, float(config.eps))
     if config.detail > 0:  # add back the map's own detail, x - box(box(x)), that a flat guide smooths away
         mean_b = mean_b + np.float32(config.detail) * (x - _box(_box(x, config.radius), config.radius))
     if tuple(work) != tuple(shape):  # fast guided filter: coefficients to full size, applied to the full guide
-        mean_a, mean_b = _resize(mean_a, shape), _resize(mean_b, shape)
-        out = mean_b
+        coef = _resize(np.dstack([mean_a * np.float32(1.0 / 255.0), mean_b]), shape)
+        out = coef[..., 3].copy()
         for c in range(3):
-            out = out + mean_a[..., c] * (image[..., c].astype(np.float32) * np.float32(1.0 / 255.0))
+            out += coef[..., c] * image[..., c]
     else:
         out = (mean_a * guide_w).sum(axis=-1) + mean_b
     out = _sigmoid(out) if config.domain == "logit" else out
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
 
 
 def _refine_grabcut(image: np.ndarray, prob: np.ndarray, config: RefineConfig) -> np.ndarray:
     shape = image.shape[:2]
     work = working_shape(shape, config.size)
-    img_w = image if tuple(work) == tuple(shape) else cv2.resize(
-        image, (work[1], work[0]), interpolation=cv2.INTER_AREA if work[0] < shape[0] else cv2.INTER_LINEAR)
+    img_w = _resize_image(image, work)
     p = _resize(prob, work)
     sure = float(config.sure)
     seeds = np.where(p > 0.5, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
