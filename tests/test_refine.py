@@ -162,3 +162,38 @@ def test_config_is_validated_and_round_trips_through_its_spec():
         assert needle in str(exc.value), (bad, str(exc.value))
     with pytest.raises(FsdiffError, match="config must be a RefineConfig"):
         refine(np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.float32), "guided")  # type: ignore[arg-type]
+
+
+class _Fixed:
+    """A segmenter double that returns given maps."""
+
+    name = "fixed"
+    encoder_name = "enc"
+
+    def __init__(self, probs):
+        self.probs = probs
+        self.threshold = 0.5
+
+    def predict(self, episode):
+        return list(self.probs)
+
+
+def test_refined_segmenter_refines_every_query_and_forwards_the_rest():
+    from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
+    from fsdiff.refine import RefinedSegmenter
+
+    img, gt, prob = _scene()
+    img2, gt2, prob2 = _scene(seed=3)
+    ep = Episode(0, "x", (Shot(img, MaskAnnotation(gt.astype(np.uint8))),), (Query(img), Query(img2)))
+    inner = _Fixed([prob, prob2])
+    seg = RefinedSegmenter(inner, RefineConfig())
+    out = seg.predict(ep)
+    np.testing.assert_array_equal(out[0], refine(img, prob, RefineConfig()))
+    np.testing.assert_array_equal(out[1], refine(img2, prob2, RefineConfig()))
+    assert seg.name == "fixed+refine" and seg.encoder_name == "enc"
+    seg.threshold = 0.4
+    assert inner.threshold == 0.4 and seg.threshold == 0.4
+    off = RefinedSegmenter(inner, OFF)
+    assert off.name == "fixed" and off.predict(ep)[0] is prob
+    with pytest.raises(FsdiffError, match="segmenter must implement predict"):
+        RefinedSegmenter(object())

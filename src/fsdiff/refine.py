@@ -27,8 +27,9 @@ Methods (:class:`RefineConfig` ``method``):
   OpenCV's random generator is seeded (``cv2.setRNGSeed``) so the result is deterministic.
 * ``"off"`` — the input map, unchanged (the same array object).
 
-The method and parameters that won on coco-mini and Weizmann horses, and where refinement helps, are in
-``docs/bench/refine.md``.
+:class:`RefinedSegmenter` wraps any segmenter so that its maps are refined before anything thresholds,
+writes or scores them. The method and parameters that won on coco-mini and Weizmann horses, and where
+refinement helps, are in ``docs/bench/refine.md``.
 """
 
 from __future__ import annotations
@@ -280,3 +281,42 @@ def refine(image: np.ndarray, prob: np.ndarray, config: RefineConfig = RefineCon
     if config.method == "guided":
         return _refine_guided(image, p, config)
     return _refine_grabcut(image, p, config)
+
+
+class RefinedSegmenter:
+    """Any Segmenter whose probability maps pass through :func:`refine` (same protocol: ``predict(episode)``)."""
+
+    def __init__(self, segmenter, config: RefineConfig = RefineConfig()) -> None:
+        if not callable(getattr(segmenter, "predict", None)):
+            raise FsdiffError(f"segmenter must implement predict(episode), got {type(segmenter).__name__}.")
+        if not isinstance(config, RefineConfig):
+            raise FsdiffError(f"config must be a RefineConfig, got {type(config).__name__}.")
+        self.segmenter = segmenter
+        self.config = config
+        base = getattr(segmenter, "name", type(segmenter).__name__)
+        self.name = base if config.method == "off" else f"{base}+refine"
+
+    @property
+    def threshold(self) -> float:
+        """The wrapped segmenter's threshold."""
+        return float(self.segmenter.threshold)
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.segmenter.threshold = value
+
+    def __getattr__(self, attr: str):
+        """Anything else (``encoder_name``, ``cache``, ...) is the wrapped segmenter's."""
+        if attr == "segmenter":  # not set yet (during unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self.segmenter, attr)
+
+    def predict(self, episode) -> list[np.ndarray]:
+        """The wrapped segmenter's maps, each refined against its query image."""
+        probs = self.segmenter.predict(episode)
+        if probs is None or len(probs) != len(episode.queries):
+            return probs  # the caller reports the mismatch with the method's name
+        return [refine(q.image, np.asarray(p), self.config) for q, p in zip(episode.queries, probs)]
+
+    def __repr__(self) -> str:
+        return f"RefinedSegmenter({getattr(self.segmenter, 'name', '?')!r}, {self.config.spec()!r})"
