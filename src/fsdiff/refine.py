@@ -17,9 +17,9 @@ Methods (:class:`RefineConfig` ``method``):
   reduces to ``box(box(p))``, so d = 1 keeps ``p`` there and only adds what the image's edges change (a
   small object is not eroded by a window larger than itself), d = 0 is the plain filter (a fsdiff variant).
   The coefficients are computed at a working size whose long side is ``size`` pixels and resized to the
-  query's own resolution before they are applied to the full-resolution guide: the fast guided filter of
-  He and Sun, "Fast Guided Filter" (arXiv:1505.00996, Sec. 2). Cost is O(size^2) plus a few passes over the
-  output, whatever the photo's size.
+  query's own resolution (at most APPLY_MAX_SIDE px, then the map is upsampled) before they are applied to
+  the photo as the guide: the fast guided filter of He and Sun, "Fast Guided Filter" (arXiv:1505.00996,
+  Sec. 2). Cost is O(size^2) plus a few passes over the output, whatever the photo's size.
 * ``"grabcut"`` — OpenCV's GrabCut (Rother, Kolmogorov and Blake, "GrabCut", SIGGRAPH 2004) on the working-size
   image, seeded by the map: ``p >= sure`` is sure foreground, ``p <= 1 - sure`` sure background, the rest
   probable foreground / background by ``p > 0.5``. GrabCut returns a hard mask ``m``; the refined probability
@@ -49,6 +49,10 @@ LOGIT_CLIP = 1e-4
 """The map is clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP] before its logit is taken (logits within about ±9.2)."""
 GRABCUT_SEED = 0
 """Seed of OpenCV's random generator before every GrabCut call (its GMM initialisation uses k-means)."""
+APPLY_MAX_SIDE = 1024
+"""The guided filter's coefficients multiply the photo at most this many pixels on its long side; a larger
+photo's refined map is upsampled bilinearly from there (keeps the cost of a 12-megapixel photo near that of
+its prediction)."""
 
 
 @dataclass(frozen=True)
@@ -140,12 +144,13 @@ def _check(image: np.ndarray, prob: np.ndarray) -> np.ndarray:
                           "probability map at the image's resolution.")
     if prob.size == 0:
         raise FsdiffError("refine: image and prob are empty (0 pixels).")
-    if not np.isfinite(prob).all():
+    lo, hi = float(prob.min()), float(prob.max())  # NaN propagates into both
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise FsdiffError("refine: prob contains NaN or infinite values; pass a probability map in [0, 1].")
-    lo, hi = float(prob.min()), float(prob.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise FsdiffError(f"refine: prob must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}].")
-    return np.clip(prob, 0.0, 1.0).astype(np.float32, copy=False)
+    prob = prob.astype(np.float32, copy=False)
+    return np.clip(prob, 0.0, 1.0) if lo < 0 or hi > 1 else prob
 
 
 def working_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
@@ -156,11 +161,19 @@ def working_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
 
 
 def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize an (H, W) or (H, W, C) float32 map: area averaging to shrink, bilinear to enlarge."""
-    if tuple(arr.shape[:2]) == tuple(shape):
+    """Resize an (H, W) or (H, W, C) map or image: area averaging to shrink, bilinear to enlarge.
+
+    A source more than twice the target's size is first brought to twice the target bilinearly (cheap,
+    and almost alias-free at that factor), so shrinking a 12-megapixel photo costs a few milliseconds.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    if tuple(arr.shape[:2]) == (h, w):
         return arr
-    shrink = shape[0] * shape[1] < arr.shape[0] * arr.shape[1]
-    return cv2.resize(arr, (shape[1], shape[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    if h * w >= arr.shape[0] * arr.shape[1]:
+        return cv2.resize(arr, (w, h), interpolation=cv2.INTER_LINEAR)
+    if arr.shape[0] > 2 * h and arr.shape[1] > 2 * w:
+        arr = cv2.resize(arr, (2 * w, 2 * h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
 
 
 def _box(x: np.ndarray, r: int) -> np.ndarray:
@@ -217,38 +230,33 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-def _resize_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Resize a uint8 image (area averaging to shrink, bilinear to enlarge)."""
-    if tuple(image.shape[:2]) == tuple(shape):
-        return image
-    shrink = shape[0] * shape[1] < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
 def _refine_guided(image: np.ndarray, prob: np.ndarray, config: RefineConfig) -> np.ndarray:
     shape = image.shape[:2]
     work = working_shape(shape, config.size)
-    guide_w = _resize_image(image, work).astype(np.float32) * np.float32(1.0 / 255.0)
+    guide_w = _resize(image, work).astype(np.float32) * np.float32(1.0 / 255.0)
     p = _resize(prob, work)
     x = _logit(p) if config.domain == "logit" else p
     mean_a, mean_b = guided_coefficients(guide_w, x, config.radius, float(config.eps))
     if config.detail > 0:  # add back the map's own detail, x - box(box(x)), that a flat guide smooths away
         mean_b = mean_b + np.float32(config.detail) * (x - _box(_box(x, config.radius), config.radius))
-    if tuple(work) != tuple(shape):  # fast guided filter: coefficients to full size, applied to the full guide
-        coef = _resize(np.dstack([mean_a * np.float32(1.0 / 255.0), mean_b]), shape)
+    if tuple(work) != tuple(shape):  # fast guided filter: coefficients enlarged, applied to the finer guide
+        apply = working_shape(shape, APPLY_MAX_SIDE) if max(shape) > APPLY_MAX_SIDE else shape
+        guide = _resize(image, apply)
+        coef = _resize(np.dstack([mean_a * np.float32(1.0 / 255.0), mean_b]), apply)
         out = coef[..., 3].copy()
         for c in range(3):
-            out += coef[..., c] * image[..., c]
+            out += coef[..., c] * guide[..., c]
     else:
         out = (mean_a * guide_w).sum(axis=-1) + mean_b
     out = _sigmoid(out) if config.domain == "logit" else out
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    out = np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    return _resize(out, shape)
 
 
 def _refine_grabcut(image: np.ndarray, prob: np.ndarray, config: RefineConfig) -> np.ndarray:
     shape = image.shape[:2]
     work = working_shape(shape, config.size)
-    img_w = _resize_image(image, work)
+    img_w = _resize(image, work)
     p = _resize(prob, work)
     sure = float(config.sure)
     seeds = np.where(p > 0.5, cv2.GC_PR_FGD, cv2.GC_PR_BGD).astype(np.uint8)
