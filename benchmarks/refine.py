@@ -279,7 +279,7 @@ def report(args) -> int:
     rows = summarise(docs, resamples=args.resamples)
     if args.only:
         rows = [r for r in rows if r["config"] in args.only]
-    print("| data | method | split | support | shots | config | eps | mIoU | Δ mIoU [95% CI] | W/L | FB-IoU | Δ FB-IoU [95% CI] | refine ms | predict ms | cost (wall) | cost (CPU) |")
+    print("| data | method | split | support | shots | config | episodes | mIoU | Δ mIoU [95% CI] | W/L | FB-IoU | Δ FB-IoU [95% CI] | refine ms | predict ms | cost (wall) | cost (CPU) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         off = r["config"] == "off"
