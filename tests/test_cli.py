@@ -342,3 +342,18 @@ def test_huge_sizes_are_refused_before_any_allocation(tmp_path, capsys, argv, me
     fill = dict(s=_photo(tmp_path, "s.png"), m=_mask(tmp_path, "m.png"), t=tmp_path)
     code, _, err = _run([a.format(**fill) for a in argv] + ["--out", tmp_path / "o"], capsys)
     assert code == 2 and message in err and "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_refinement_is_on_by_default_recorded_and_switchable(tmp_path, capsys):
+    root = _user_folder(tmp_path / "ds")
+    specs = {}
+    for extra in ([], ["--refine", "off"]):
+        out = tmp_path / f"r{len(extra)}"
+        code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--episodes", "4", "--out", out,
+                             "--no-progress", *extra], capsys)
+        assert code == 0, err
+        specs[len(extra)] = json.loads((out / "summary.json").read_text())["refine"]
+    assert specs[0].startswith("guided:") and specs[2] == "off"
+    code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--refine", "guided:radius=x",
+                         "--out", tmp_path / "bad", "--no-progress"], capsys)
+    assert code == 2 and "--refine 'guided:radius=x': radius needs an integer" in err and not (tmp_path / "bad").exists()

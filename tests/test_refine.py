@@ -156,7 +156,7 @@ def test_config_is_validated_and_round_trips_through_its_spec():
     assert parse_refine(RefineConfig(method="grabcut", size=256).spec()) == RefineConfig(method="grabcut", size=256)
     for bad, needle in [("crf", "method 'crf'"), ("guided:radius=0", "radius 0"), ("guided:eps=-1", "eps -1"),
                         ("guided:domain=x", "domain 'x'"), ("guided:radius", "'radius' is not key=value"),
-                        ("guided:radius=a", "radius needs an integer"), ("guided:detail=2", "detail 2.0"), ("guided:detail=x", "detail needs a number"), ("grabcut:sure=0.5", "sure 0.5"), ("", "refine spec")]:
+                        ("guided:radius=a", "radius needs an integer"), ("guided:detail=2", "detail 2.0"), ("guided:detail=x", "detail needs a number"), ("grabcut:sure=0.5", "sure 0.5"), ("", "refine=")]:
         with pytest.raises(FsdiffError, match=None) as exc:
             parse_refine(bad)
         assert needle in str(exc.value), (bad, str(exc.value))
@@ -178,22 +178,26 @@ class _Fixed:
         return list(self.probs)
 
 
-def test_refined_segmenter_refines_every_query_and_forwards_the_rest():
+def test_pipeline_refines_every_query_and_forwards_the_rest():
     from fsdiff.episode import Episode, MaskAnnotation, Query, Shot
-    from fsdiff.refine import RefinedSegmenter
+    from fsdiff.pipeline import Pipeline
+    from fsdiff.refine import QueryRefiner, as_refiner
 
     img, gt, prob = _scene()
     img2, gt2, prob2 = _scene(seed=3)
     ep = Episode(0, "x", (Shot(img, MaskAnnotation(gt.astype(np.uint8))),), (Query(img), Query(img2)))
     inner = _Fixed([prob, prob2])
-    seg = RefinedSegmenter(inner, RefineConfig())
+    seg = Pipeline(inner, refiner=as_refiner("guided"))
     out = seg.predict(ep)
     np.testing.assert_array_equal(out[0], refine(img, prob, RefineConfig()))
     np.testing.assert_array_equal(out[1], refine(img2, prob2, RefineConfig()))
-    assert seg.name == "fixed+refine" and seg.encoder_name == "enc"
+    assert seg.name == "fixed" and seg.encoder_name == "enc"
     seg.threshold = 0.4
     assert inner.threshold == 0.4 and seg.threshold == 0.4
-    off = RefinedSegmenter(inner, OFF)
-    assert off.name == "fixed" and off.predict(ep)[0] is prob
-    with pytest.raises(FsdiffError, match="segmenter must implement predict"):
-        RefinedSegmenter(object())
+    assert as_refiner("off") is None and as_refiner(None) is None and as_refiner(OFF) is None
+    assert isinstance(as_refiner(RefineConfig(method="grabcut")), QueryRefiner)
+    assert Pipeline(inner, refiner=as_refiner("off")).predict(ep)[0] is prob
+    with pytest.raises(FsdiffError, match="RefineConfig method 'blur': use one of off, guided, grabcut"):
+        as_refiner("blur")
+    with pytest.raises(FsdiffError, match="expected a RefineConfig"):
+        QueryRefiner("guided")

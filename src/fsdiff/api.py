@@ -25,6 +25,8 @@ from fsdiff.output import OutputFolder, WrittenPrediction
 from fsdiff.pipeline import Pipeline
 
 DEFAULT_METHOD = "prototype"
+DEFAULT_REFINE = "guided"
+"""Edge refinement applied by default (fsdiff.refine): it gained mIoU on every setting measured."""
 
 __all__ = ["DEFAULT_METHOD", "SegmentResult", "Segmenter", "build_segmenter", "demo", "evaluate_benchmark",
            "load_query", "load_shot", "open_source", "parse_class_value", "segment", "test_split", "train"]
@@ -124,24 +126,35 @@ class Segmenter(Pipeline):
     encoder; ``checkpoint``: trained weights; ``threshold``: the decision threshold (default the method's);
     ``benchmark`` ({dataset, fold, convention}): lets a method with shipped weights pick the checkpoint
     blind to that fold's classes; ``augment`` (``'hed:4'``) with ``augment_options`` (cache, model,
-    controlnet, per_shot, steps, resolution, seed): DifFSS generated supports; ``options``: the method's own.
+    controlnet, per_shot, steps, resolution, seed): DifFSS generated supports; ``refine``: the edge refinement
+    of every probability map (:mod:`fsdiff.refine`; default ``'guided'``, which gained on every setting measured,
+    docs/BENCHMARKS.md; ``'off'`` or None for the method's raw maps); ``options``: the method's own.
     """
 
     def __init__(self, method: str = DEFAULT_METHOD, *, encoder: str | None = None,
                  checkpoint: str | os.PathLike | None = None, threshold: float | None = None,
                  benchmark: Mapping[str, Any] | None = None, augment: str | None = None,
-                 augment_options: Mapping[str, Any] | None = None, **options: Any) -> None:
+                 augment_options: Mapping[str, Any] | None = None, refine: Any = DEFAULT_REFINE,
+                 **options: Any) -> None:
         from fsdiff.methods import build_method
+        from fsdiff.refine import as_refiner
 
+        refiner = as_refiner(refine)  # a bad spec fails before any model loads
         if encoder is not None:
             options["encoder"] = encoder
         if checkpoint is not None:
             options["checkpoint"] = checkpoint
         built = build_method(method, benchmark=benchmark, **options)
-        super().__init__(built, augmenter=_augmenter(augment, augment_options or {}) if augment else None)
+        super().__init__(built, augmenter=_augmenter(augment, augment_options or {}) if augment else None,
+                         refiner=refiner)
         self.method_name = method
         if threshold is not None:
             self.threshold = _check_threshold(threshold)
+
+    @property
+    def refine_spec(self) -> str:
+        """The refinement in force, as text (``'off'`` or e.g. ``'guided:size=384,...'``)."""
+        return "off" if self.refiner is None else self.refiner.config.spec()
 
     @classmethod
     def from_method(cls, method: Any) -> "Segmenter":

@@ -29,7 +29,7 @@ _FLAGS = {
 }
 _KNOWN = ("box", "mask", "scribble", "points", "threshold", "shots", "protocol", "visualize", "split", "out",
           "checkpoint", "encoder", "fold", "ann", "steps", "lr", "warmup", "seed", "prior", "decoder", "config",
-          "overwrite")
+          "overwrite", "refine")
 
 
 def cli_terms(message: str) -> str:
@@ -84,6 +84,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=_choices_help("frozen image encoder (default: the method's):", encoder_summaries()))
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="trained weights of the method (default: the method's shipped or none)")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold in (0, 1) (default: the method's, 0.5)")
+    p.add_argument("--refine", default="guided", metavar="SPEC",
+                   help="snap probability maps to image edges: guided (default), grabcut (slower, strong with\n"
+                        "scribbles) or off; options as guided:radius=24,size=512")
     p.add_argument(
         "--method-arg", action="append", default=[], metavar="KEY=VALUE",
         help="extra method option, repeatable (e.g. self_support=auto for prototype, steps=20 for diffup)",
@@ -270,7 +273,7 @@ def _segmenter(args: argparse.Namespace, benchmark: dict | None = None):
                            "steps": args.augment_steps, "resolution": args.augment_resolution}
     return Segmenter(args.method, encoder=args.encoder, checkpoint=args.checkpoint, threshold=args.threshold,
                      benchmark=benchmark, augment=getattr(args, "augment", None), augment_options=augment_options,
-                     **_key_values(args.method_arg, "--method-arg"))
+                     refine=args.refine, **_key_values(args.method_arg, "--method-arg"))
 
 
 def expand_queries(items: Sequence[str]) -> list[str]:

@@ -27,8 +27,9 @@ Methods (:class:`RefineConfig` ``method``):
   OpenCV's random generator is seeded (``cv2.setRNGSeed``) so the result is deterministic.
 * ``"off"`` — the input map, unchanged (the same array object).
 
-:class:`RefinedSegmenter` wraps any segmenter so that its maps are refined before anything thresholds,
-writes or scores them. The method and parameters that won on coco-mini and Weizmann horses, and where
+:class:`QueryRefiner` is the refinement stage of the shared pipeline (:class:`fsdiff.pipeline.Pipeline`), so
+maps are refined before anything thresholds, writes or scores them (and threshold calibration sees refined
+maps). The method and parameters that won on coco-mini and Weizmann horses, and where
 refinement helps, are in ``docs/bench/refine.md``.
 """
 
@@ -115,19 +116,19 @@ _FIELDS = {"size": int, "radius": int, "eps": float, "domain": str, "detail": fl
 def parse_refine(text: str) -> RefineConfig:
     """Read ``METHOD[:key=value,...]`` (e.g. ``off``, ``guided``, ``guided:radius=16,domain=logit``) into a RefineConfig."""
     if not isinstance(text, str) or not text.strip():
-        raise FsdiffError(f"refine spec {text!r}: give METHOD[:key=value,...] with METHOD one of {', '.join(METHODS)}.")
+        raise FsdiffError(f"refine={text!r}: give METHOD[:key=value,...] with METHOD one of {', '.join(METHODS)}.")
     method, _, rest = text.strip().partition(":")
     kwargs: dict = {}
     for item in filter(None, (p.strip() for p in rest.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq or key not in _FIELDS:
-            raise FsdiffError(f"refine spec {text!r}: {item!r} is not key=value with a key among {', '.join(_FIELDS)}.")
+            raise FsdiffError(f"refine={text!r}: {item!r} is not key=value with a key among {', '.join(_FIELDS)}.")
         try:
             kwargs[key] = _FIELDS[key](value.strip())
         except ValueError:
             kind = {int: "an integer", float: "a number", str: "a word"}[_FIELDS[key]]
-            raise FsdiffError(f"refine spec {text!r}: {key} needs {kind}, got {value.strip()!r}.") from None
+            raise FsdiffError(f"refine={text!r}: {key} needs {kind}, got {value.strip()!r}.") from None
     return RefineConfig(method=method.strip(), **kwargs)
 
 
@@ -291,40 +292,27 @@ def refine(image: np.ndarray, prob: np.ndarray, config: RefineConfig = RefineCon
     return _refine_grabcut(image, p, config)
 
 
-class RefinedSegmenter:
-    """Any Segmenter whose probability maps pass through :func:`refine` (same protocol: ``predict(episode)``)."""
+class QueryRefiner:
+    """The refinement stage of :class:`fsdiff.pipeline.Pipeline`: every query's map through :func:`refine`."""
 
-    def __init__(self, segmenter, config: RefineConfig = RefineConfig()) -> None:
-        if not callable(getattr(segmenter, "predict", None)):
-            raise FsdiffError(f"segmenter must implement predict(episode), got {type(segmenter).__name__}.")
+    def __init__(self, config: RefineConfig = RefineConfig()) -> None:
         if not isinstance(config, RefineConfig):
-            raise FsdiffError(f"config must be a RefineConfig, got {type(config).__name__}.")
-        self.segmenter = segmenter
+            raise FsdiffError(f"refine: expected a RefineConfig, got {type(config).__name__}.")
         self.config = config
-        base = getattr(segmenter, "name", type(segmenter).__name__)
-        self.name = base if config.method == "off" else f"{base}+refine"
 
-    @property
-    def threshold(self) -> float:
-        """The wrapped segmenter's threshold."""
-        return float(self.segmenter.threshold)
-
-    @threshold.setter
-    def threshold(self, value: float) -> None:
-        self.segmenter.threshold = value
-
-    def __getattr__(self, attr: str):
-        """Anything else (``encoder_name``, ``cache``, ...) is the wrapped segmenter's."""
-        if attr == "segmenter":  # not set yet (during unpickling): no recursion
-            raise AttributeError(attr)
-        return getattr(self.segmenter, attr)
-
-    def predict(self, episode) -> list[np.ndarray]:
-        """The wrapped segmenter's maps, each refined against its query image."""
-        probs = self.segmenter.predict(episode)
-        if probs is None or len(probs) != len(episode.queries):
-            return probs  # the caller reports the mismatch with the method's name
+    def __call__(self, episode, probs: list[np.ndarray]) -> list[np.ndarray]:
+        """The maps of ``episode``'s queries, each refined against its query image."""
         return [refine(q.image, np.asarray(p), self.config) for q, p in zip(episode.queries, probs)]
 
     def __repr__(self) -> str:
-        return f"RefinedSegmenter({getattr(self.segmenter, 'name', '?')!r}, {self.config.spec()!r})"
+        return f"QueryRefiner({self.config.spec()!r})"
+
+
+def as_refiner(value: "str | RefineConfig | None") -> QueryRefiner | None:
+    """A pipeline refiner from a spec (``'guided'``, ``'off'``, ``'grabcut:size=256'``), a RefineConfig, or None (off)."""
+    if value is None:
+        return None
+    config = parse_refine(value) if isinstance(value, str) else value
+    if not isinstance(config, RefineConfig):
+        raise FsdiffError(f"refine={value!r}: give a spec such as 'guided' or 'off', or a RefineConfig.")
+    return None if config.method == "off" else QueryRefiner(config)
