@@ -58,11 +58,11 @@ def draw_annotation(image: np.ndarray, annotation: Annotation) -> np.ndarray:
             grown = cv2.dilate((annotation.strokes == value).astype(np.uint8), np.ones((t, t), np.uint8))
             out[grown.astype(bool)] = colour
     elif isinstance(annotation, PointsAnnotation):
-        r = max(3, 2 * t)
+        r = max(4, round(min(image.shape[:2]) / 35))
         for (x, y), lab in zip(np.asarray(annotation.points), np.asarray(annotation.labels)):
             centre = (int(round(x)), int(round(y)))
             cv2.circle(out, centre, r, OBJECT if lab == 1 else BACKGROUND, -1)
-            cv2.circle(out, centre, r, WHITE, max(1, t // 2))
+            cv2.circle(out, centre, r, WHITE, max(1, r // 4))
     return out
 
 
