@@ -90,6 +90,8 @@ class DiffUpConfig:
     adaptive_probe_fraction: float = 0.5  # DQM probes the prior at this t/T (with the start noise)
 
     # --- sampling ----------------------------------------------------------------------------------
+    inference_input_size: int | None = None  # encoder input side at inference (None = input_size; BAFT is scale-free)
+    prior_gate: float | None = None  # prior check threshold: return the prototype prior where it passes (None = off)
     ddim_steps: int = 10
     ddim_eta: float = 0.0
     threshold: float = 0.5
@@ -137,6 +139,10 @@ class DiffUpConfig:
 
         if self.input_size < 32:
             bad("input_size", "must be at least 32 pixels")
+        if self.inference_input_size is not None and int(self.inference_input_size) < 32:
+            bad("inference_input_size", "must be at least 32 pixels (or None for input_size)")
+        if self.prior_gate is not None and not 0.0 <= float(self.prior_gate) <= 1.0:
+            bad("prior_gate", "must lie in [0, 1] (or None for no prior check)")
         for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
                      "layers_per_block", "cond_channels", "dqm_channels",
                      "uapf_hidden_channels", "uapf_type_embed_dim", "attention_head_dim", "ddim_steps",
