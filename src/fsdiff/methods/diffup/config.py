@@ -1,10 +1,15 @@
-"""DiffUp configuration: every choice of METHODS.md §4.2 as one dataclass field (DiffUp, arXiv 2407.16182,
-Sec. III; all values are METHODS.md §4.2 reconstructions [R] unless the field's comment says otherwise).
+"""DiffUp configuration: every choice as one dataclass field (DiffUp, arXiv 2407.16182,
+Sec. III; all values are fsdiff's reconstructions [R] unless the field's comment says otherwise).
 
-Resolutions: the query is resized to ``input_size`` (default 384, not §4.2's 473/512, so that CPU
+Resolutions: the query is resized to ``input_size`` (default 384, not the usual FSS 473/512, so that CPU
 training stays feasible); priors live at stride ``prior_stride`` = 8 (48×48) and the mask diffusion at
-stride ``mask_stride`` = 4, i.e. 96×96 (§4.2 says "1/4 resolution (e.g. 128×128)"; 1/4 is kept, the
-128 follows from a 512 input, which ``input_size=512`` restores).
+stride ``mask_stride`` = 4, i.e. 96×96 (1/4 of the input, 128×128 for a 512 input, which
+``input_size=512`` restores). ``inference_input_size`` may differ from the training size: BAFT passes on
+only scale-free cosines and the UNet is convolutional, so the priors and the mask simply follow the input.
+
+``prior_gate`` turns on the prior check of :mod:`fsdiff.methods.diffup.gate`: a query whose training-free
+prototype prior segments the supports back with an IoU of at least ``prior_gate`` is answered by that
+prior, and the decoder runs only on the others (docs/bench/diffup_vs_prototype.md).
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ ANNOTATION_TYPES: tuple[str, ...] = ("mask", "box", "scribble", "text")
 """Annotation types DiffUp knows, in the order of their type ids (UAPF's type embedding)."""
 
 DEFAULT_START_FRACTIONS: dict[str, float] = {"mask": 0.3, "scribble": 0.5, "box": 0.6, "text": 0.8}
-"""t*/T per annotation type (METHODS.md §4.2; the order text < box < scribble < mask is an assumption)."""
+"""t*/T per annotation type ([R]; the order text < box < scribble < mask is an assumption)."""
 
 
 @dataclass
 class DiffUpConfig:
-    """All DiffUp hyper-parameters with METHODS.md §4.2 defaults (see the module docstring)."""
+    """All DiffUp hyper-parameters with the reconstruction's defaults (see the module docstring)."""
 
     # --- resolutions -------------------------------------------------------------------------------
     input_size: int = 384  # query/support side fed to the encoders (§4.2: 473; 384 for CPU budgets)

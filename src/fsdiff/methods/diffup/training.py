@@ -1,6 +1,6 @@
 """DiffUp training episodes and the trainable object for :func:`fsdiff.train.train` (DiffUp, arXiv
 2407.16182, Sec. III-D "training on base classes with all annotation types"; the recipe is the
-METHODS.md §4.2 "Training" reconstruction [R]).
+fsdiff's reconstruction [R]).
 
 Per episode (all draws from one ``numpy.random.Generator`` per episode, derived from the batch rng the
 trainer seeds with (seed, step, process)):
