@@ -135,3 +135,21 @@ def test_config_defaults_and_bad_values(checkpoint, source, tmp_path):  # noqa: 
     (ck / "fsdiff_checkpoint.json").write_text(json.dumps(info))
     with pytest.raises(FsdiffError, match="prior_gate"):
         DiffUpSegmenter(ck)
+
+
+def test_shipped_defaults_answer_a_good_horse_prior_with_the_prototype_method(shared_data):
+    """With the shipped defaults, a horse episode whose prior passes the check gets exactly the prototype
+    method's default output (same 473 px features, same maps), and the decoder is skipped."""
+    from fsdiff.api import load_query, load_shot
+    from fsdiff.methods.diffup.segmenter import build_diffup
+    from fsdiff.methods.diffup.training import cpu_config
+
+    root = shared_data / "weizmann-horse"
+    shot = load_shot(root / "images" / "horse001.jpg", mask=root / "masks" / "horse001.png")
+    query = load_query(root / "images" / "horse002.jpg", gt=root / "masks" / "horse002.png")
+    ep = Episode(0, "horse", (shot,), (query,))
+    seg = build_diffup()
+    assert seg.input_size == 473 == cpu_config().inference_input_size and seg.prior_gate == cpu_config().prior_gate
+    pred = seg.predict_with_uncertainty(ep)[0]
+    assert pred.check >= seg.prior_gate and not pred.decoded
+    assert np.array_equal(pred.prob, PrototypeSegmenter().predict(ep)[0])
