@@ -153,3 +153,11 @@ def test_shipped_defaults_answer_a_good_horse_prior_with_the_prototype_method(sh
     pred = seg.predict_with_uncertainty(ep)[0]
     assert pred.check >= seg.prior_gate and not pred.decoded
     assert np.array_equal(pred.prob, PrototypeSegmenter().predict(ep)[0])
+
+
+def test_cpu_config_inference_size_follows_a_custom_training_size():
+    from fsdiff.methods.diffup.training import cpu_config
+
+    assert cpu_config().inference_input_size == 473 and cpu_config().input_size == 448
+    assert cpu_config(input_size=64).inference_input_size is None
+    assert cpu_config(input_size=64, inference_input_size=96).inference_input_size == 96

@@ -410,8 +410,15 @@ each moved the paired per-class mIoU by at most 0.1. Pass them with ``--config-a
 
 
 def cpu_config(**overrides: Any) -> DiffUpConfig:
-    """The CPU-trainable DiffUpConfig (:data:`CPU_CONFIG`), with ``overrides`` applied."""
-    return DiffUpConfig(**{**CPU_CONFIG, **overrides})
+    """The CPU-trainable DiffUpConfig (:data:`CPU_CONFIG`), with ``overrides`` applied.
+
+    An ``input_size`` override without an ``inference_input_size`` one also sets the inference size (to the
+    training size): 473 px is the recipe's choice for its 448 px training, not a size for every model.
+    """
+    merged = {**CPU_CONFIG, **overrides}
+    if "input_size" in overrides and "inference_input_size" not in overrides:
+        merged["inference_input_size"] = None
+    return DiffUpConfig(**merged)
 
 
 def train_diffup(
