@@ -161,3 +161,16 @@ def test_cpu_config_inference_size_follows_a_custom_training_size():
     assert cpu_config().inference_input_size == 473 and cpu_config().input_size == 448
     assert cpu_config(input_size=64).inference_input_size is None
     assert cpu_config(input_size=64, inference_input_size=96).inference_input_size == 96
+
+
+def test_the_check_needs_mask_supports(checkpoint, source, monkeypatch):  # noqa: F811
+    calls = []
+    monkeypatch.setattr("fsdiff.methods.diffup.segmenter.prior_check",
+                        lambda prior, e, i, p: calls.append(i) or 1.0)
+    seg = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.5)
+    for kinds in (("box",), ("scribble",), ("mask", "box"), ("points",)):
+        p = seg.predict_with_uncertainty(episode(source, kinds))[0]
+        assert p.decoded and p.check is None
+    assert calls == []
+    p = seg.predict_with_uncertainty(episode(source, ("mask", "text")))[0]
+    assert not p.decoded and p.check == 1.0 and calls == [0]

@@ -11,8 +11,10 @@ the whole image for a mask or a box, the strokes and the area far from them for 
 over the spatial shots. A prior that found the object reproduces the support's annotation (horses:
 mean score 0.76); one that did not, does not (coco-mini: 0.27).
 
-:class:`~fsdiff.methods.diffup.segmenter.DiffUpSegmenter` returns the prior itself where the score is at
-least its ``prior_gate`` threshold, and the decoder's sample elsewhere: on coco-mini the shipped decoder
+:class:`~fsdiff.methods.diffup.segmenter.DiffUpSegmenter` checks episodes whose spatial shots are all masks
+(a box or scribble region is not the object: a prior that leaks over a box's background reproduces the
+box), returns the prior itself where the score is at least its ``prior_gate`` threshold, and the decoder's
+sample elsewhere: on coco-mini the shipped decoder
 gains where the prior failed, and on Weizmann horses, where the prior is good, every decoder variant
 measured lost to it.
 """
