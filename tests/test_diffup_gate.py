@@ -174,3 +174,20 @@ def test_the_check_needs_mask_supports(checkpoint, source, monkeypatch):  # noqa
     assert calls == []
     p = seg.predict_with_uncertainty(episode(source, ("mask", "text")))[0]
     assert not p.decoded and p.check == 1.0 and calls == [0]
+
+
+def test_prior_only_types_get_the_prior_unchecked(checkpoint, source, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("fsdiff.methods.diffup.segmenter.prior_check", lambda *a: pytest.fail("no check expected"))
+    seg = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.5, prior_only=["scribble"])
+    assert seg.prior_only == ("scribble",)
+    for kinds in (("scribble",), ("points",), ("scribble", "points")):
+        ep = episode(source, kinds)
+        p = seg.predict_with_uncertainty(ep)[0]
+        assert not p.decoded and p.check is None and p.t_start == 0
+        assert np.array_equal(p.prob, PrototypeSegmenter(seg.encoder, size=seg.input_size).predict(ep)[0])
+    for kinds in (("box",), ("mask", "scribble")):  # a box, or a mix with a mask: the decoder runs
+        assert seg.predict_with_uncertainty(episode(source, kinds))[0].decoded
+    assert DiffUpSegmenter(checkpoint, prior_only=["points"]).prior_only == ("scribble",)
+    for bad in ("scribble", ["text"], ["polygon"]):
+        with pytest.raises(FsdiffError, match="prior_only"):
+            DiffUpSegmenter(checkpoint, prior_only=bad)

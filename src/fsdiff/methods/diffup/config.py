@@ -9,7 +9,8 @@ only scale-free cosines and the UNet is convolutional, so the priors and the mas
 
 ``prior_gate`` turns on the prior check of :mod:`fsdiff.methods.diffup.gate`: a query whose training-free
 prototype prior segments the supports back with an IoU of at least ``prior_gate`` is answered by that
-prior, and the decoder runs only on the others (docs/bench/diffup_vs_prototype.md).
+prior, and the decoder runs only on the others; ``prior_only`` names support types whose episodes the prior
+answers unchecked (docs/bench/diffup_vs_prototype.md).
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ class DiffUpConfig:
     # --- sampling ----------------------------------------------------------------------------------
     inference_input_size: int | None = None  # encoder input side at inference (None = input_size; BAFT is scale-free)
     prior_gate: float | None = None  # prior check threshold: return the prototype prior where it passes (None = off)
+    prior_only: tuple[str, ...] = ()  # annotation types whose episodes the prototype prior answers, no decoder
     ddim_steps: int = 10
     ddim_eta: float = 0.0
     threshold: float = 0.5
@@ -126,6 +128,7 @@ class DiffUpConfig:
     def __post_init__(self) -> None:
         self.annotation_types = tuple(self.annotation_types)
         self.prior_maps = tuple(str(m) for m in self.prior_maps)
+        self.prior_only = tuple(str(m) for m in self.prior_only)
         if self.uapf_anchor_levels is not None:
             self.uapf_anchor_levels = tuple(int(v) for v in self.uapf_anchor_levels)
         if self.self_levels is not None:
@@ -148,6 +151,8 @@ class DiffUpConfig:
             bad("inference_input_size", "must be at least 32 pixels (or None for input_size)")
         if self.prior_gate is not None and not 0.0 <= float(self.prior_gate) <= 1.0:
             bad("prior_gate", "must lie in [0, 1] (or None for no prior check)")
+        if any(t not in ("mask", "box", "scribble") for t in self.prior_only):
+            bad("prior_only", "need annotation types out of mask, box, scribble")
         for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
                      "layers_per_block", "cond_channels", "dqm_channels",
                      "uapf_hidden_channels", "uapf_type_embed_dim", "attention_head_dim", "ddim_steps",

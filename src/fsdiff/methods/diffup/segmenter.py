@@ -11,7 +11,9 @@ Inference for one episode ([R] = fsdiff's reconstruction where the paper gives n
 2. **prior check** (``prior_gate``, a fsdiff addition, :mod:`fsdiff.methods.diffup.gate`; mask supports
    only): the training-free prototype method runs on the same features; where its query mask segments
    the support masks back well enough (score >= ``prior_gate``) its probability map is the answer and
-   steps 3-5 are skipped for that query. The shipped decoder, trained on coco-mini's 342 base images, smooths masks into blobs: it gains
+   steps 3-5 are skipped for that query. Episodes whose supports are all of a ``prior_only`` type get
+   the prior unchecked (the shipped models: scribbles and points, where the decoder lost on the horse
+   validation episodes). The shipped decoder, trained on coco-mini's 342 base images, smooths masks into blobs: it gains
    where the prior failed and loses where the prior is good (docs/bench/diffup_vs_prototype.md);
 3. one BAFT prior tensor R_k per spatial shot (mask, box, scribble; points use the scribble type) and,
    when a CLIP text model is given, one text prior (type ``text``) per query, plus the 1-channel
@@ -120,6 +122,7 @@ class DiffUpSegmenter:
         kshot: str = "pooled",
         input_size: int | None = None,
         prior_gate: float | bool | None = None,
+        prior_only: Sequence[str] | None = None,
     ) -> None:
         """Load ``checkpoint`` (a directory from :func:`save_diffup` or a training output with ``final/``).
 
@@ -141,6 +144,8 @@ class DiffUpSegmenter:
         ``prior_gate``: the prior check threshold in [0, 1] (:mod:`fsdiff.methods.diffup.gate`): a query whose
         prototype prior scores at least this is answered by the prior without the decoder; False turns the
         check off (the paper's behaviour: always decode); None = the config's ``prior_gate``.
+        ``prior_only``: annotation types (mask, box, scribble; points count as scribbles) whose episodes the
+        prior answers without the decoder; None = the config's ``prior_only``, () = none.
         """
         self.checkpoint = check_checkpoint(checkpoint)
         self.device = torch.device(device)
@@ -208,6 +213,11 @@ class DiffUpSegmenter:
                                  or not 0.0 <= float(gate) <= 1.0):
             raise FsdiffError(f"prior_gate must be a number in [0, 1] or False (no prior check), got {prior_gate!r}.")
         self.prior_gate = None if gate is None else float(gate)
+        only = cfg.prior_only if prior_only is None else prior_only
+        kinds = ("mask", "box", "scribble", "points")
+        if isinstance(only, str) or any(str(k) not in kinds for k in only):
+            raise FsdiffError(f"prior_only must be a list of annotation types out of {', '.join(kinds)}, got {prior_only!r}.")
+        self.prior_only = tuple(prior_type(str(k)) for k in only)
         # the training-free prior of the check: the prototype method on the same encoder, size and cache
         self.prior = PrototypeSegmenter(self.encoder, size=self.input_size, temperature=cfg.contrast_temperature,
                                         proto_weight=cfg.contrast_proto_weight, cache=self.cache)
@@ -266,30 +276,39 @@ class DiffUpSegmenter:
                 ))
         return out
 
-    def check_prior(self, episode: Episode) -> list[tuple[np.ndarray, float]] | None:
-        """Per query: (prototype prior probability, prior check score); None when the check is off, or when
-        a spatial shot is not a mask (the check compares the back-prediction with the support's region, which
-        is the object only for a mask: a prior that leaks over a box's background passes it; on the horse
-        validation episodes with boxes it passed 98 % of the priors and cost 8.3 mIoU against decoding)."""
-        spatial = [s for s in episode.shots if s.annotation.kind != "text"]
-        if self.prior_gate is None or not spatial or any(s.annotation.kind != "mask" for s in spatial):
+    def prior_decisions(self, episode: Episode) -> list[tuple[np.ndarray, float | None, bool]] | None:
+        """Per query: (prototype prior probability, prior check score or None, whether the decoder runs);
+        None when the prior plays no part (no check, no ``prior_only`` kind, or no spatial shot).
+
+        Spatial shots all of a ``prior_only`` type: the prior answers, unchecked. All masks with the check
+        on: the check decides. Anything else (a box among the shots): the decoder runs, since the check
+        compares the back-prediction with the support's region, which is the object only for a mask (a prior
+        that leaks over a box's background passes it: on the horse validation episodes with boxes it passed
+        98 % of the priors and cost 8.3 mIoU against decoding).
+        """
+        spatial = [prior_type(s.annotation.kind) for s in episode.shots if s.annotation.kind != "text"]
+        if not spatial:
+            return None
+        if set(spatial) <= set(self.prior_only):
+            return [(p, None, False) for p in self.prior.predict(episode)]
+        if self.prior_gate is None or set(spatial) != {"mask"}:
             return None
         probs = self.prior.predict(episode)
-        return [(p, prior_check(self.prior, episode, i, p)) for i, p in enumerate(probs)]
+        scores = [prior_check(self.prior, episode, i, p) for i, p in enumerate(probs)]
+        return [(p, c, d) for p, c, d in zip(probs, scores, gate_decisions(scores, self.prior_gate))]
 
     @torch.inference_mode()
     def predict_with_uncertainty(self, episode: Episode) -> list[DiffUpPrediction]:
         """Probability and uncertainty maps (float32 (H, W) in [0, 1]) for every query of ``episode``."""
         if not isinstance(episode, Episode):
             raise FsdiffError(f"predict expects an fsdiff Episode, got {type(episode).__name__}.")
-        checked = self.check_prior(episode)
-        decode = gate_decisions([c for _, c in checked] if checked else [0.0] * len(episode.queries),
-                                self.prior_gate if checked else None)
+        decided = self.prior_decisions(episode)
+        decode = [d for _, _, d in decided] if decided else [True] * len(episode.queries)
         results: list[DiffUpPrediction | None] = [None] * len(episode.queries)
-        if checked:
+        if decided:
             types = tuple(prior_type(s.annotation.kind) for s in episode.shots if s.annotation.kind != "text")
-            for i, ((prob, score), dec) in enumerate(zip(checked, decode)):
-                if not dec:  # the prior passed: it is the answer; its uncertainty is 1 - |2p - 1|
+            for i, (prob, score, dec) in enumerate(decided):
+                if not dec:  # the prior is the answer; its uncertainty is 1 - |2p - 1|
                     p = np.clip(prob, 0.0, 1.0).astype(np.float32)
                     results[i] = DiffUpPrediction(p, (1.0 - np.abs(2.0 * p - 1.0)).astype(np.float32), 0, types,
                                                   check=score, decoded=False)
@@ -298,7 +317,7 @@ class DiffUpSegmenter:
             sub = episode if len(todo) == len(episode.queries) else dataclasses.replace(
                 episode, queries=tuple(episode.queries[i] for i in todo))
             for i, pred in zip(todo, self._decode(sub)):
-                pred.check = checked[i][1] if checked else None
+                pred.check = decided[i][1] if decided else None
                 results[i] = pred
         return [r for r in results if r is not None]
 
