@@ -85,11 +85,11 @@ def test_gate_decisions():
 
 def test_segmenter_returns_the_prior_where_it_passes(checkpoint, source):  # noqa: F811
     ep = episode(source, ("mask",), n_queries=2)
-    seg = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.0)  # every score >= 0: the prior always passes
+    seg = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.0)  # every score >= 0: the prior, no check needed
     preds = seg.predict_with_uncertainty(ep)
     ref = PrototypeSegmenter(seg.encoder, size=seg.input_size).predict(ep)
     for p, r in zip(preds, ref):
-        assert not p.decoded and p.t_start == 0 and p.types == ("mask",) and 0.0 <= p.check <= 1.0
+        assert not p.decoded and p.t_start == 0 and p.types == ("mask",) and p.check is None
         assert np.array_equal(p.prob, r)
         assert np.allclose(p.uncertainty, 1 - np.abs(2 * r - 1))
     always = DiffUpSegmenter(checkpoint, steps=2, prior_gate=False).predict_with_uncertainty(ep)
@@ -191,3 +191,19 @@ def test_prior_only_types_get_the_prior_unchecked(checkpoint, source, monkeypatc
     for bad in ("scribble", ["text"], ["polygon"]):
         with pytest.raises(FsdiffError, match="prior_only"):
             DiffUpSegmenter(checkpoint, prior_only=bad)
+
+
+def test_kshot_threshold(checkpoint, source, monkeypatch):  # noqa: F811
+    seen = []
+    monkeypatch.setattr("fsdiff.methods.diffup.segmenter.prior_check", lambda prior, e, i, p: seen.append(len(e.shots)) or 0.3)
+    two = episode(source, ("mask", "mask"))
+    seg = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.5, prior_gate_kshot=0.0)
+    p = seg.predict_with_uncertainty(two)[0]
+    assert not p.decoded and p.check is None and seen == []  # threshold 0: the prior, without the check
+    assert np.array_equal(p.prob, PrototypeSegmenter(seg.encoder, size=seg.input_size).predict(two)[0])
+    assert seg.predict_with_uncertainty(episode(source, ("mask",)))[0].decoded and seen == [1]  # 0.3 < 0.5
+    inherit = DiffUpSegmenter(checkpoint, steps=2, prior_gate=0.2)
+    assert inherit.prior_gate_kshot == 0.2 and not inherit.predict_with_uncertainty(two)[0].decoded
+    assert DiffUpSegmenter(checkpoint, prior_gate=0.2, prior_gate_kshot=False).prior_gate_kshot is None
+    with pytest.raises(FsdiffError, match="prior_gate_kshot"):
+        DiffUpSegmenter(checkpoint, prior_gate_kshot=3)

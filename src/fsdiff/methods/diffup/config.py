@@ -9,8 +9,9 @@ only scale-free cosines and the UNet is convolutional, so the priors and the mas
 
 ``prior_gate`` turns on the prior check of :mod:`fsdiff.methods.diffup.gate`: a query whose training-free
 prototype prior segments the supports back with an IoU of at least ``prior_gate`` is answered by that
-prior, and the decoder runs only on the others; ``prior_only`` names support types whose episodes the prior
-answers unchecked (docs/bench/diffup_vs_prototype.md).
+prior, and the decoder runs only on the others (``prior_gate_kshot`` for K > 1 mask shots; 0 = the prior
+always); ``prior_only`` names support types whose episodes the prior answers unchecked
+(docs/bench/diffup_vs_prototype.md).
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class DiffUpConfig:
     # --- sampling ----------------------------------------------------------------------------------
     inference_input_size: int | None = None  # encoder input side at inference (None = input_size; BAFT is scale-free)
     prior_gate: float | None = None  # prior check threshold: return the prototype prior where it passes (None = off)
+    prior_gate_kshot: float | None = None  # the same for mask episodes with K > 1 shots (None = prior_gate's)
     prior_only: tuple[str, ...] = ()  # annotation types whose episodes the prototype prior answers, no decoder
     ddim_steps: int = 10
     ddim_eta: float = 0.0
@@ -151,6 +153,8 @@ class DiffUpConfig:
             bad("inference_input_size", "must be at least 32 pixels (or None for input_size)")
         if self.prior_gate is not None and not 0.0 <= float(self.prior_gate) <= 1.0:
             bad("prior_gate", "must lie in [0, 1] (or None for no prior check)")
+        if self.prior_gate_kshot is not None and not 0.0 <= float(self.prior_gate_kshot) <= 1.0:
+            bad("prior_gate_kshot", "must lie in [0, 1] (or None for prior_gate's value)")
         if any(t not in ("mask", "box", "scribble") for t in self.prior_only):
             bad("prior_only", "need annotation types out of mask, box, scribble")
         for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
