@@ -9,6 +9,7 @@ docs/bench/diffup_vs_prototype.md).
     # choose the prior check threshold on validation runs, then tabulate held-out runs
     python benchmarks/diffup_vs_prototype.py sweep runs/dvp/h-tune-* runs/dvp/c*-trn-*
     python benchmarks/diffup_vs_prototype.py table runs/dvp/h-test-* runs/dvp/c[0-3]-[15]
+    python benchmarks/diffup_vs_prototype.py table --pool "coco, 1-shot, folds 0-3" runs/dvp/c[0-3]-1
 
 ``run`` scores every query with both methods (episode by episode, prototype first, each with its own
 feature cache, as two ``fsdiff eval`` runs would) and writes ``episodes.csv`` (per query: class, areas of
@@ -275,10 +276,13 @@ def table(args) -> int:
     print("| run | queries | prototype mIoU | DiffUp mIoU | DiffUp − prototype (95% CI) | wins / losses | "
           "decoded | time DiffUp / prototype |")
     print("|---|---|---|---|---|---|---|---|")
-    for f in args.folders:
-        s = score(read_rows(Path(f)))
+    runs = [(Path(f).name, read_rows(Path(f))) for f in args.folders]
+    if args.pool:  # one row for all the folders (coco folds have disjoint classes)
+        runs = [(args.pool, [dict(r, episode=f"{name}/{r['episode']}") for name, rows in runs for r in rows])]
+    for name, rows in runs:
+        s = score(rows)
         pr = s["paired"]
-        print(f"| {Path(f).name} | {s['queries']} | {s['prototype']['miou']:.2f} | {s['diffup']['miou']:.2f} | "
+        print(f"| {name} | {s['queries']} | {s['prototype']['miou']:.2f} | {s['diffup']['miou']:.2f} | "
               f"{pr['diff']:+.2f} ({pr['low']:+.2f} .. {pr['high']:+.2f}) | {pr['wins']} / {pr['losses']} {pr['unit']} | "
               f"{100 * s['decoded']:.0f}% | {s['time_ratio']:.2f}x |")
     return 0
@@ -306,6 +310,8 @@ def main() -> int:
     for name in ("sweep", "table"):
         s = sub.add_parser(name)
         s.add_argument("folders", nargs="+")
+        if name == "table":
+            s.add_argument("--pool", default=None, metavar="NAME", help="one pooled row named NAME for all folders")
     args = ap.parse_args()
     if args.cmd == "run" and args.dataset == "coco" and args.episodes is None:
         args.episodes = 1000
