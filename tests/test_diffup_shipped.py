@@ -115,6 +115,9 @@ def test_shipped_fold_checkpoint_never_saw_its_fold(fold):
     assert meta["source"]["fold"] == fold and meta["encoder"] == "efficientnet-lite0"
     assert meta["exported_dtype"] == "float16" and meta["step"] == meta["trainer"]["steps"]
     assert config.query_channels == 0 and config.uapf_anchor and config.residual_prior
+    from fsdiff.methods.diffup.training import cpu_config
+
+    assert config == cpu_config()  # the recipe, with its inference defaults (input 473, prior check, 1 step)
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     assert size < 8e6
 

@@ -2,7 +2,7 @@
 
 Established by the paper: BAFT turns frozen-backbone multi-scale support/query features and a text
 embedding of "a photo of a {class}" into unified, coarse, backbone-agnostic priors, so the backbone can
-be swapped at test time without re-training. Everything concrete below is the METHODS.md §4.2
+be swapped at test time without re-training. Everything concrete below is fsdiff's
 reconstruction [R]:
 
 * **Only dimension-free similarities** leave this module, so no learned weight ever sees a backbone
@@ -77,9 +77,9 @@ CONTRAST_PROTO_WEIGHT = 0.5
 PIXEL_THRESHOLD = 0.5
 """A support cell joins the pixel-max set A when its region weight is >= this fraction of the largest."""
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
-"""The CLIP used for the text prior when the backbone is not a CLIP (METHODS.md §4.2)."""
+"""The CLIP used for the text prior when the backbone is not a CLIP (the paper's CLIP text branch)."""
 TEXT_TEMPLATE = "a photo of a {}"
-"""Prompt of the text prior (METHODS.md §4.2 annotation synthesis: text = "a photo of a {class}")."""
+"""Prompt of the text prior (the paper's text annotation: "a photo of a {class}")."""
 SPARSE_KINDS = ("scribble", "points")
 
 

@@ -1,10 +1,17 @@
-"""DiffUp configuration: every choice of METHODS.md §4.2 as one dataclass field (DiffUp, arXiv 2407.16182,
-Sec. III; all values are METHODS.md §4.2 reconstructions [R] unless the field's comment says otherwise).
+"""DiffUp configuration: every choice as one dataclass field (DiffUp, arXiv 2407.16182,
+Sec. III; all values are fsdiff's reconstructions [R] unless the field's comment says otherwise).
 
-Resolutions: the query is resized to ``input_size`` (default 384, not §4.2's 473/512, so that CPU
+Resolutions: the query is resized to ``input_size`` (default 384, not the usual FSS 473/512, so that CPU
 training stays feasible); priors live at stride ``prior_stride`` = 8 (48×48) and the mask diffusion at
-stride ``mask_stride`` = 4, i.e. 96×96 (§4.2 says "1/4 resolution (e.g. 128×128)"; 1/4 is kept, the
-128 follows from a 512 input, which ``input_size=512`` restores).
+stride ``mask_stride`` = 4, i.e. 96×96 (1/4 of the input, 128×128 for a 512 input, which
+``input_size=512`` restores). ``inference_input_size`` may differ from the training size: BAFT passes on
+only scale-free cosines and the UNet is convolutional, so the priors and the mask simply follow the input.
+
+``prior_gate`` turns on the prior check of :mod:`fsdiff.methods.diffup.gate`: a query whose training-free
+prototype prior segments the supports back with an IoU of at least ``prior_gate`` is answered by that
+prior, and the decoder runs only on the others (``prior_gate_kshot`` for K > 1 mask shots; 0 = the prior
+always); ``prior_only`` names support types whose episodes the prior answers unchecked
+(docs/bench/diffup_vs_prototype.md).
 """
 
 from __future__ import annotations
@@ -25,12 +32,12 @@ ANNOTATION_TYPES: tuple[str, ...] = ("mask", "box", "scribble", "text")
 """Annotation types DiffUp knows, in the order of their type ids (UAPF's type embedding)."""
 
 DEFAULT_START_FRACTIONS: dict[str, float] = {"mask": 0.3, "scribble": 0.5, "box": 0.6, "text": 0.8}
-"""t*/T per annotation type (METHODS.md §4.2; the order text < box < scribble < mask is an assumption)."""
+"""t*/T per annotation type ([R]; the order text < box < scribble < mask is an assumption)."""
 
 
 @dataclass
 class DiffUpConfig:
-    """All DiffUp hyper-parameters with METHODS.md §4.2 defaults (see the module docstring)."""
+    """All DiffUp hyper-parameters with the reconstruction's defaults (see the module docstring)."""
 
     # --- resolutions -------------------------------------------------------------------------------
     input_size: int = 384  # query/support side fed to the encoders (§4.2: 473; 384 for CPU budgets)
@@ -91,6 +98,10 @@ class DiffUpConfig:
     adaptive_probe_fraction: float = 0.5  # DQM probes the prior at this t/T (with the start noise)
 
     # --- sampling ----------------------------------------------------------------------------------
+    inference_input_size: int | None = None  # encoder input side at inference (None = input_size; BAFT is scale-free)
+    prior_gate: float | None = None  # prior check threshold: return the prototype prior where it passes (None = off)
+    prior_gate_kshot: float | None = None  # the same for mask episodes with K > 1 shots (None = prior_gate's)
+    prior_only: tuple[str, ...] = ()  # annotation types whose episodes the prototype prior answers, no decoder
     ddim_steps: int = 10
     ddim_eta: float = 0.0
     threshold: float = 0.5
@@ -120,6 +131,7 @@ class DiffUpConfig:
     def __post_init__(self) -> None:
         self.annotation_types = tuple(self.annotation_types)
         self.prior_maps = tuple(str(m) for m in self.prior_maps)
+        self.prior_only = tuple(str(m) for m in self.prior_only)
         if self.uapf_anchor_levels is not None:
             self.uapf_anchor_levels = tuple(int(v) for v in self.uapf_anchor_levels)
         if self.self_levels is not None:
@@ -137,6 +149,14 @@ class DiffUpConfig:
             raise FsdiffError(f"DiffUpConfig.{name}: {why} (got {getattr(self, name)!r}).")
 
         check_side(self.input_size, "DiffUpConfig.input_size", MAX_SIDE, minimum=32)
+        if self.inference_input_size is not None:
+            check_side(self.inference_input_size, "DiffUpConfig.inference_input_size", MAX_SIDE, minimum=32)
+        if self.prior_gate is not None and not 0.0 <= float(self.prior_gate) <= 1.0:
+            bad("prior_gate", "must lie in [0, 1] (or None for no prior check)")
+        if self.prior_gate_kshot is not None and not 0.0 <= float(self.prior_gate_kshot) <= 1.0:
+            bad("prior_gate_kshot", "must lie in [0, 1] (or None for prior_gate's value)")
+        if any(t not in ("mask", "box", "scribble") for t in self.prior_only):
+            bad("prior_only", "need annotation types out of mask, box, scribble")
         for name in ("mask_stride", "prior_stride", "prior_levels", "base_channels",
                      "layers_per_block", "cond_channels", "dqm_channels",
                      "uapf_hidden_channels", "uapf_type_embed_dim", "attention_head_dim", "ddim_steps",

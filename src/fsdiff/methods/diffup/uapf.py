@@ -1,7 +1,7 @@
-"""UAPF: uncertainty-aware prior fusion (DiffUp Sec. III-C2; METHODS.md §4.2 "UAPF").
+"""UAPF: uncertainty-aware prior fusion (DiffUp, arXiv 2407.16182, Sec. III-C2).
 
 Established by the paper: UAPF fuses the backbone-agnostic priors of 0..K shots of mixed annotation
-types into two maps, a mean and a variance. Everything below is the METHODS.md §4.2 reconstruction [R]:
+types into two maps, a mean and a variance. Everything below is fsdiff's reconstruction [R]:
 
 * a tiny CNN, shared across shots, maps one shot's prior tensor R_k (B, C, h, w), concatenated with a
   learned annotation-type embedding broadcast over the map, to a prior logit μ_k and a log-variance
