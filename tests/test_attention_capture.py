@@ -182,7 +182,7 @@ def test_kandinsky_layers_and_levels(kandinsky_unet: Any) -> None:
     layers = attention_layers(kandinsky_unet)
     assert all(layer.kind == "added_kv" for layer in layers)
     sides = sorted(max(layer.grid((64, 64))) for layer in layers)
-    # down 32/16/8, mid 8, up 8,8 / 16,16 / 32,32 (the real decoder's layout, METHODS.md §3.2)
+    # down 32/16/8, mid 8, up 8,8 / 16,16 / 32,32 (the real Kandinsky 2.2 decoder's layout)
     assert sides == [8, 8, 8, 8, 16, 16, 16, 32, 32, 32]
 
 

@@ -1,4 +1,4 @@
-"""`accelerate launch -m fsdiff augment generate` on 2 CPU processes sharing one cache (DifFSS §5 scale-out).
+"""`accelerate launch -m fsdiff augment generate` on 2 CPU processes sharing one cache (scale-out of DifFSS pre-generation).
 
 Real launcher, real tiny SD 1.5 + ControlNet (random weights, 64 px, 2 DDIM steps), real torch.distributed
 (gloo). The work must be split between the two ranks with no (image, class, index) generated twice, the

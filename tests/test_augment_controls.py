@@ -1,4 +1,4 @@
-"""DifFSS control maps and the ADE palette tables (METHODS.md §2.2)."""
+"""DifFSS control maps and the ADE palette tables (DifFSS code: ``FSSpregenerate.py``, ``constant.py``)."""
 
 from __future__ import annotations
 

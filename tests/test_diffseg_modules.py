@@ -1,6 +1,7 @@
-"""DiffSeg building blocks (fsdiff.methods.diffseg): the config defaults of METHODS.md §3.9, the Perceptual
-Attention Module (§3.3) and the Spatial Control Module (§3.4) on the tiny Kandinsky 2.2 UNet: shapes, ablation
-switches, adapters read from block_out_channels, zero-init identity and where the residual enters."""
+"""DiffSeg building blocks (fsdiff.methods.diffseg): the config defaults for what the paper leaves open, the
+Perceptual Attention Module (DiffSeg §4.3) and the Spatial Control Module (§4.4) on the tiny Kandinsky 2.2 UNet:
+shapes, ablation switches, adapters read from block_out_channels, zero-init identity and where the residual
+enters."""
 
 from __future__ import annotations
 

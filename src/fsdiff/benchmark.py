@@ -1,4 +1,4 @@
-"""Scoring a segmenter on one few-shot benchmark fold (HSNet and BAM protocols, docs/METHODS.md §1.3): open the
+"""Scoring a segmenter on one few-shot benchmark fold (HSNet and BAM test protocols, :mod:`fsdiff.data.sampler`): open the
 source, sample (or replay) the episodes, optionally convert the supports or calibrate the threshold, evaluate,
 and write the report.
 

@@ -1,4 +1,5 @@
-"""The one currency of fsdiff: an episode (METHODS.md §1.1).
+"""The one currency of fsdiff: an episode (the K-shot task of DiffSeg §3 "Task description", Eq. (1), widened
+as in DiffUp, arXiv 2407.16182, to 0..K shots and weak annotations).
 
 An episode holds a class (id and name), 0..K annotated support shots and 1..Q query images (with
 ground truth when evaluating). Support annotations are a dense mask, a box, a scribble, points, or the
@@ -152,7 +153,7 @@ class BoxAnnotation(Annotation):
 
     @staticmethod
     def from_mask(mask: np.ndarray) -> "BoxAnnotation":
-        """The tight box around a mask's class pixels (METHODS.md §4.2 annotation synthesis)."""
+        """The tight box around a mask's class pixels (how fsdiff turns a mask into a box support)."""
         ys, xs = np.nonzero(mask == 1)
         if len(ys) == 0:
             raise FsdiffError("cannot build a box from an empty mask.")

@@ -1,4 +1,4 @@
-"""The evaluation loop and its report (docs/METHODS.md §1.3).
+"""The evaluation loop and its report (the test protocols of HSNet, arXiv 2104.01538, and BAM, arXiv 2203.07615).
 
 Reproduces the test loops of HSNet ``test.py`` (one meter per run, queries scored with
 ``Evaluator.classify_prediction`` and pooled per class by ``AverageMeter``) and BAM ``test.py``

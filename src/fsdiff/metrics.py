@@ -3,7 +3,7 @@
 Reproduces HSNet ``common/evaluation.py`` (``Evaluator.classify_prediction``) and
 ``common/logger.py`` (``AverageMeter.compute_iou``), cross-checked against BAM / PFENet
 ``util/util.py`` (``intersectionAndUnionGPU``) and the class-wise accumulation of BAM's ``test.py``
-(METHODS.md §1.3).
+(HSNet: Min et al., ICCV 2021, arXiv 2104.01538; BAM: Lang et al., CVPR 2022, arXiv 2203.07615).
 
 Per query, two-class areas (index 0 = background, 1 = foreground) are counted over the pixels whose
 ground truth is not 255; HSNet overwrites the prediction with 255 wherever the ground truth is 255

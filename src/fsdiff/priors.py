@@ -1,5 +1,8 @@
-"""Dimension-free support-query priors (METHODS.md §4.2 "BAFT"), shared by the training-free
-``prototype`` segmenter and, later, DiffUp.
+"""Dimension-free support-query priors, shared by the training-free ``prototype`` segmenter and DiffUp.
+
+They are fsdiff's reconstruction of the priors of DiffUp's BAFT block (arXiv 2407.16182, Fig. 3): the paper
+asks for priors that do not depend on the backbone, so every prior here is a similarity (cosine) or a
+normalisation of one, and no learned weight ever sees a backbone's channel width.
 
 * :func:`region_weights` — an annotation region (bool / soft map at image resolution) resized to the
   feature grid by area averaging (each feature cell gets the fraction of its pixels inside the region).
@@ -7,7 +10,7 @@
 * :func:`prototype_cosine` — ``P_proto(x) = cos(f_q(x), p)`` (BAFT's prototype prior).
 * :func:`pixel_max_cosine` — ``P_pix(x) = max_{y in A} cos(f_q(x), f_s(y))`` (PFENet's training-free prior
   mask, BAFT's pixel prior), chunked over query pixels so memory stays bounded.
-* :func:`minmax_normalise` — per-map min-max normalisation to [0, 1] (BAFT "min-max normalise each map").
+* :func:`minmax_normalise` — per-map min-max normalisation to [0, 1] (fsdiff's BAFT priors are each min-max normalised).
 * :func:`self_support_map` — the self-support refinement of SSP (Fan et al., "Self-Support Few-Shot Semantic
   Segmentation", ECCV 2022, Sec. 3.2, adapted): query cells a first estimate is confident about give the
   query's own fg / bg prototypes, each mixed with the support's; the fg pixel-max also runs over the

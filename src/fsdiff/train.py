@@ -1,6 +1,7 @@
 """The one trainer of fsdiff: every trainable method (DiffUp now, DiffSeg later) plugs in through the
-:class:`Trainable` interface and is trained by :func:`train` (METHODS.md §4.2 "Training": AdamW,
-lr 1e-4, weight decay 1e-2, cosine decay; §5 engineering notes).
+:class:`Trainable` interface and is trained by :func:`train` (defaults AdamW, lr 1e-4, weight decay 1e-2,
+cosine decay: fsdiff's choice for DiffUp, whose training recipe the available text of arXiv 2407.16182
+does not give).
 
 * **Accelerate**: runs through :class:`accelerate.Accelerator` (one process here; ``accelerate launch``
   for multi-GPU / multi-node with no code change). Batch generation is sharded by process index (each
@@ -8,7 +9,7 @@ lr 1e-4, weight decay 1e-2, cosine decay; §5 engineering notes).
   processes with one all-reduce per step (the models are not wrapped in DDP, so a trainable's loss can
   call its models and read their configs directly); only the main process writes files.
 * **Optimisation**: AdamW (``optimizer='adamw'``, the default) or SGD with momentum
-  (``optimizer='sgd'``, ``momentum``; DiffSeg's recipe, METHODS.md §3.5), weight decay on weights with
+  (``optimizer='sgd'``, ``momentum``; DiffSeg's recipe, DiffSeg §5.2), weight decay on weights with
   >= 2 dims only (biases, norms and embeddings of size 1-D are not decayed), linear warm-up then cosine
   decay to 0 (``schedule='cosine'``), a constant rate, or StepLR (``schedule='step'``: the rate is
   multiplied by ``gamma`` every ``step_size`` optimizer steps after the warm-up), gradient clipping at

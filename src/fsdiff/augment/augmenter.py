@@ -1,5 +1,6 @@
 """DifFSS support-set augmentation of an episode, and a wrapper that adds it to any segmenter
-(METHODS.md §2.1, §2.3 [C]; DifFSS §3: "extend the 1-shot setting to an (N+1)-shot setting").
+(DifFSS, arXiv 2307.00773: N generated images per support turn a 1-shot task into an (N+1)-shot one;
+the loading rules below are [C], from DifFSS-BAM's ``util/dataset.py``).
 
 :class:`Augmenter` turns an episode into one whose support set holds, besides the real shots, N generated
 auxiliary images per augmented real shot. Each auxiliary image is the generator's output resized back to the
@@ -7,7 +8,8 @@ real support's (W, H) and carries the real support's annotation unchanged (the m
 with 255 kept, as DifFSS-BAM does; a box or scribble support reuses its box or strokes).
 
 * ``per_shot='first'`` (default) follows the official loader: only the first real support is augmented,
-  whatever K is (METHODS.md §2.3 / §2.6 (5)); ``'all'`` gives every real shot its own N auxiliaries.
+  whatever K is (the paper does not say what to do for K > 1); ``'all'`` gives every real shot its own N
+  auxiliaries.
 * Shot order: the real shots first, in their order, then the auxiliaries grouped by real shot and index
   (DifFSS-BAM stacks ``true_data_shot`` real supports, then the ``aux_shot`` generated ones).
 * An optional :class:`~fsdiff.augment.drift.DriftFilter` ([R], beyond the paper) scores each auxiliary image,

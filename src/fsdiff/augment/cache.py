@@ -1,4 +1,5 @@
-"""Content-addressed on-disk cache for DifFSS generations (METHODS.md §2.2, §5 "cache the control maps").
+"""Content-addressed on-disk cache for DifFSS generations (an fsdiff addition [R]: generation is the costly
+offline step, so each image is made once, and its control map is kept next to it for inspection).
 
 A generated auxiliary support is a pure function of its inputs (support image and mask, class,
 condition, model ids, sampler settings, seed, prompts); :func:`cache_key` hashes all of them, so an

@@ -1,4 +1,4 @@
-"""DifFSS control conditions: seg, HED and scribble maps from a support (METHODS.md §2.2 [C]).
+"""DifFSS control conditions: seg, HED and scribble maps from a support (DifFSS, arXiv 2307.00773; [C]).
 
 Follows ``FSSpregenerate.py`` of the official code (ControlNet4FSS), with its known bugs fixed:
 

@@ -1,9 +1,9 @@
 """Generation-drift scores and a drift filter for DifFSS auxiliary supports ([R], beyond the paper).
 
 DifFSS reuses the real support mask for every generated image, and names *generation drift* (the generated
-object no longer lines up with that mask, mostly for small or scattered objects) as its first open question
-(METHODS.md §2.5; seed 000, "Open Question 1"). Nothing in the paper measures it. This module gives two
-per-image drift scores (higher = better aligned) and a filter built on them:
+object no longer lines up with that mask, mostly for small or scattered objects) as a limitation (DifFSS,
+arXiv 2307.00773, which also notes that poor supports make it worse). Nothing in the paper measures it. This
+module gives two per-image drift scores (higher = better aligned) and a filter built on them:
 
 * ``segment`` (:func:`segment_score`): segment the generated image with the real support as the 1-shot
   support, using any :class:`~fsdiff.protocol.Segmenter` (default: ``build_method('prototype')``), and score

@@ -1,4 +1,4 @@
-"""DifFSS auxiliary-support generation with SD 1.5 + ControlNet 1.0 (METHODS.md §2.2 [C], DifFSS §3).
+"""DifFSS auxiliary-support generation with SD 1.5 + ControlNet 1.0 (arXiv 2307.00773; settings [C]).
 
 :class:`ControlNetGenerator` is the diffusers equivalent of the official ``FSSpregenerate.py``:
 
@@ -9,7 +9,8 @@
   ``steps_offset=1`` (= ldm ``ddim_discretize='uniform'``: timesteps 1, 1+c, ...), ``set_alpha_to_one=False``
   (ldm's last ``alpha_prev`` is ``alphas_cumprod[0]``) and ``clip_sample=False`` (ldm never clips x0; SD 1.5's
   config says so too, but a PNDM config without the key would give DDIM's default ``True``); ``eta = 0``;
-* 20 DDIM steps by default (METHODS.md §2.6 (1): the released ``ddim_steps = 2`` is a leftover), guidance 9,
+* 20 DDIM steps by default [R] (the released script's ``ddim_steps = 2`` looks like a leftover of a quick test;
+  20 is the ControlNet demo default), guidance 9,
   ``controlnet_conditioning_scale = 1.0`` on every residual (``guess_mode=False``; the control also goes to the
   unconditional branch, the diffusers default), the paper's prompt template and negative prompt
   (:func:`fsdiff.augment.controls.build_prompt`, :data:`~fsdiff.augment.controls.NEGATIVE_PROMPT`);
@@ -28,7 +29,7 @@
   ``key_extra={"dtype": ...}`` to keep them apart). ``from_pretrained(..., lazy=True)`` loads the models only
   on the first cache miss;
 * the generated image (stored at generation size, lossless PNG; DifFSS writes JPEG) is resized back to the real
-  support's (W, H) with bilinear interpolation (DifFSS-BAM's loader, METHODS.md §2.3); the caller reuses the
+  support's (W, H) with bilinear interpolation (DifFSS-BAM's ``util/dataset.py`` [C]); the caller reuses the
   real annotation.
 
 Defaults for weights: bfloat16 on CPU, float16 on CUDA (:func:`fsdiff.diffusion.loading.default_dtype`).
@@ -93,7 +94,7 @@ GENERATOR_VERSION = 1
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Sampler settings; defaults are DifFSS's (METHODS.md §2.2) with 20 steps (§2.6 (1)).
+    """Sampler settings; defaults are those of DifFSS's ``FSSpregenerate.py`` [C], but 20 steps (module docstring).
 
     ``control.resolution`` must lie in 64..:data:`fsdiff.limits.MAX_GENERATION_RESOLUTION` (1024 unless
     ``$FSDIFF_MAX_GENERATION_RESOLUTION`` says otherwise).

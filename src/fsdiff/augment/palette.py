@@ -1,4 +1,4 @@
-"""ADE20K colours for DifFSS seg controls (METHODS.md §2.2, DifFSS ``constant.py`` [C]).
+"""ADE20K colours for DifFSS seg controls (DifFSS ``constant.py`` [C]).
 
 The ControlNet-1.0 seg model was trained on maps painted with the mmseg ADE20K palette. DifFSS
 paints a support's class pixels with the ADE colour of a mapped ADE class and everything else with

@@ -1,5 +1,5 @@
 """Offline DifFSS pre-generation for a benchmark fold or a user folder, sharded over processes
-(METHODS.md §2.2 "generate for the training lists as well", §2.3, §5 "the heaviest offline job").
+(DifFSS-BAM also reads auxiliary images of the training lists [C], so both are generated ahead of time).
 
 The official ``FSSpregenerate.py`` walks every image of a list and every foreground class in it, and writes
 N auxiliary images per (image, class). Here the work items are the (image key, class id) pairs of every

@@ -1,4 +1,4 @@
-"""Episode sources and the benchmark sampler (METHODS.md §1.2-1.3).
+"""Episode sources and the benchmark sampler (datasets, folds and protocols: docs/DATASETS.md).
 
 Sources (by name in :data:`SOURCES`): ``coco`` (any COCO-format json; COCO-20i folds), ``pascal``
 (PASCAL-5i), ``fss1000`` (FSS-1000), ``folder`` (a user's images/ + masks/). The sampler reproduces

@@ -1,4 +1,4 @@
-"""The common interface of every few-shot data source (METHODS.md §1.2: splits and folds).
+"""The common interface of every few-shot data source (splits and folds: docs/DATASETS.md).
 
 A source is one dataset restricted to one fold and split: it names its classes, lists the images of
 each class in a stable order, lists the (image, class) query pairs in the order of the reference

@@ -1,4 +1,5 @@
-"""COCO-20i and any COCO-format export (METHODS.md §1.2), read from an ``instances.json``.
+"""COCO-20i and any COCO-format export (folds in both conventions: docs/DATASETS.md §3), read from an
+``instances.json``.
 
 Works for COCO 2014/2017 and for exports of CVAT, Label Studio, labelme (labelme2coco), Roboflow.
 Segmentations may be polygons, uncompressed or compressed RLE (decoded with ``pycocotools.mask``).

@@ -1,4 +1,4 @@
-"""A user's own folder of images and binary masks as a few-shot source (METHODS.md §1.1 episodes).
+"""A user's own folder of images and binary masks as a few-shot source (docs/DATASETS.md §5).
 
 Layouts (mask = same file stem, preferably ``.png``; 0/255 or 0/1 binary, 255 may also mean ignore
 in a 0/1/255 mask, see :func:`fsdiff.io.mask_from_array`)::

@@ -1,4 +1,4 @@
-"""FSS-1000 in HSNet's protocol (METHODS.md §1.2): 1000 classes x 10 images, 520/240/240 split.
+"""FSS-1000 in HSNet's protocol (arXiv 2104.01538): 1000 classes x 10 images, 520/240/240 split.
 
 Layout ``root/<class_name>/<n>.jpg`` + ``<n>.png``. The class split is read from HSNet's
 ``{splits_dir}/fss/{trn,val,test}.txt`` (not shipped: no licence). As in HSNet's ``DatasetFSS``:

@@ -1,4 +1,4 @@
-"""PASCAL-5i (METHODS.md §1.2): VOC2012 + SBD, fold i tests classes 5i+1..5i+5.
+"""PASCAL-5i (Shaban et al., BMVC 2017; docs/DATASETS.md §2): VOC2012 + SBD, fold i tests classes 5i+1..5i+5.
 
 Episode metadata comes from HSNet's fold lists ``{splits_dir}/pascal/{trn,val}/fold{i}.txt`` (lines
 ``IMAGEID__CLASS``, classes 1..20), read exactly as HSNet's ``DatasetPASCAL`` does: 'val' is the fold's

@@ -1,4 +1,4 @@
-"""Benchmark episode sampling, reproducing the reference protocols (METHODS.md §1.3).
+"""Benchmark episode sampling, reproducing the reference protocols (HSNet, arXiv 2104.01538; BAM, arXiv 2203.07615).
 
 ``hsnet`` (juhongm999/hsnet ``test.py`` + ``data/{pascal,coco,fss}.py``): one ``np.random`` stream
 seeded once with 0 (``utils.fix_randseed(0)``); episode i takes its query by the source's mode

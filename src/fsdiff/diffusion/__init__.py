@@ -1,9 +1,10 @@
-"""The diffusion-model layer shared by the diffusion-backed methods (METHODS.md §1.4, §3.2, §5).
+"""The diffusion-model layer shared by the diffusion-backed methods (Kandinsky 2.2 for DiffSeg, Stable Diffusion
++ ControlNet for DifFSS).
 
 * :mod:`fsdiff.diffusion.loading`: frozen Kandinsky 2.2 / Stable Diffusion / ControlNet components from a Hub
   id or a local directory, with actionable errors when offline or given the wrong kind of model.
 * :mod:`fsdiff.diffusion.attention`: attention capture through diffusers attention processors and DiffSeg's
-  attention prior M_a = minmax(M_self · vec(M_cross)) (DiffSeg Eq. (11), METHODS.md §3.2).
+  attention prior M_a = minmax(M_self · vec(M_cross)) (DiffSeg §4.2, Eq. (11)).
 * :mod:`fsdiff.diffusion.tiny`: tiny random stand-ins of the public checkpoints, for tests.
 
 diffusers / transformers are imported lazily (inside the functions that need them), so importing this package

@@ -1,5 +1,5 @@
-"""Attention capture from a diffusers UNet and the DiffSeg attention prior (DiffSeg Eq. (11), METHODS.md §3.2,
-§3.9 (b)-(d), §5).
+"""Attention capture from a diffusers UNet and the DiffSeg attention prior (DiffSeg, Shi et al., ACM MM 2024,
+§4.2, Eq. (11); where the paper leaves a choice open, the choice below is fsdiff's and says so).
 
 Capture goes through diffusers *attention processors* (no patched ``forward``), installed only on the chosen
 ``Attention`` modules; every other layer keeps its own (SDPA) processor. Two processors compute the attention
@@ -9,7 +9,9 @@ probabilities explicitly and reproduce the default processors' outputs (to float
   (``SimpleCrossAttn*`` blocks). They have ONE softmax over the concatenated keys
   ``[N_tok image-embedding tokens (add_k_proj/add_v_proj), HW spatial tokens (to_k/to_v)]``. Per layer, with P
   averaged over heads: the cross part is ``P[..., :N_tok]`` summed over the tokens (a length-HW vector); the self
-  part is ``P[..., N_tok:]`` with every row renormalised to sum 1 (an HW x HW matrix; METHODS.md §3.9 (d)).
+  part is ``P[..., N_tok:]`` with every row renormalised to sum 1 (an HW x HW matrix). The paper does not say
+  how the self part of this joint softmax is read; renormalising the rows is fsdiff's choice, so that a self
+  map is a proper affinity whatever mass the image tokens took.
 * :class:`CaptureAttnProcessor` for standard ``AttnProcessor`` / ``AttnProcessor2_0`` layers (Stable Diffusion):
   a self-attention layer (``attn1``) gives an HW x HW self map; a cross-attention layer (``attn2``) gives a
   cross map = P summed over the chosen text tokens (``cross_tokens``; with all tokens it is identically 1).
@@ -60,9 +62,10 @@ from torch import nn
 from fsdiff.errors import FsdiffError
 
 DEFAULT_RESOLUTIONS = (8, 16, 32)
-"""Attention grid sides captured by default: the 3 scales of DiffSeg for a 64x64 latent (METHODS.md §3.2)."""
+"""Attention grid sides captured by default: the 3 scales of DiffSeg §4.2 (8, 16, 32) for a 64x64 latent."""
 DEFAULT_COMMON_SIZE = 32
-"""Common fusion size of the maps (METHODS.md §3.9 (b)); M_a is upsampled to 64 by the caller if wanted."""
+"""Common fusion size of the maps: the paper does not give it; 32 is fsdiff's choice (a self map at 64 would
+hold 4096 x 4096 entries per sample). M_a is upsampled to 64 by the caller if wanted."""
 
 Grid = tuple[int, int]
 Recorder = Callable[["AttentionLayer", torch.Tensor, int, Grid, int | None], None]
@@ -342,7 +345,8 @@ class AttentionCapture:
     Args:
         unet: a diffusers ``UNet2DConditionModel`` (Kandinsky 2.2 decoder or Stable Diffusion).
         resolutions: attention grid sides (max(h, w)) to capture, for a latent of ``latent_size``; None = every
-            attention layer. Default (8, 16, 32): every attention layer at those sides (METHODS.md §3.9 (c)).
+            attention layer. Default (8, 16, 32): every attention layer at those sides (the paper only says
+            "3 scales"; taking every layer at them is fsdiff's choice).
         common_size: side (or (H, W)) of the fused maps (default 32).
         latent_size: latent side (or (H, W)) the ``resolutions`` refer to; default ``unet.config.sample_size``
             (64 for the Kandinsky 2.2 decoder, i.e. 512-pixel images).

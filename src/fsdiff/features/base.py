@@ -1,5 +1,5 @@
-"""The frozen image encoder interface: multi-level features at fixed relative depths (METHODS.md §4.2
-"Backbone features").
+"""The frozen image encoder interface: multi-level features at fixed relative depths (what DiffUp's backbone
+swap without re-training needs, arXiv 2407.16182 Fig. 2 (b); the depths are fsdiff's choice).
 
 Every encoder returns ``levels`` feature maps, shallow to deep, at fixed *relative* depths of the network
 (for CNNs the ends of the stride-8/16/32 stage groups; for ViTs the blocks at 1/3, 2/3 and the final

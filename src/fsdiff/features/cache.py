@@ -1,5 +1,5 @@
 """Feature cache: each image is encoded once per run and its multi-level features reused across episodes
-(an image is typically a query in one episode and a support in others; METHODS.md §5 engineering notes).
+(an image is typically a query in one episode and a support in others).
 
 Key: (encoder cache id = name + weight dtype + compute precision, network input size (H, W),
 blake2b-128 digest of the image's shape and bytes). Values are the encoder's level maps for that image,

@@ -7,7 +7,7 @@ under depth scaling; BatchNorm eps 1e-3 and momentum 0.01 (TF's 0.99). The modul
 (``_conv_stem``, ``_bn0``, ``_blocks.N._expand_conv`` / ``_bn0`` / ``_depthwise_conv`` / ``_bn1`` /
 ``_project_conv`` / ``_bn2``, ``_conv_head``, ``_bn1``, ``_fc``) match the shipped state dicts.
 
-Multi-level features (METHODS.md §4.2 "Backbone features"): the outputs at the ends of the stride-8,
+Multi-level features (the contract of :mod:`fsdiff.features.base`): the outputs at the ends of the stride-8,
 stride-16 and stride-32 stage groups (3 levels); optionally every block of each group.
 
 The weights were converted from the TF checkpoints with lukemelas' code (ml-illustrated/

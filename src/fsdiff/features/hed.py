@@ -1,6 +1,7 @@
 """HED edge detector in PyTorch (Xie & Tu, "Holistically-Nested Edge Detection", ICCV 2015), for DifFSS's
-``hed``/``scribble`` control maps (METHODS.md §1.4 "HED edges", §2.2) and DiffSeg's SCM input (METHODS.md §3.4,
-§3.9 (e)).
+``hed``/``scribble`` control maps (its code runs ControlNet 1.0's ``annotator.hed``, BSDS500 weights) and
+DiffSeg's SCM input (DiffSeg §4.1 computes the edge map on the support, but §4.4 and the abstract say SCM
+models the query's structure; fsdiff computes it on the query).
 
 The network is VGG16's conv1_1..conv5_3 (ReLU after every conv, 2x2 max pooling between the 5 stages), one
 1x1 "side output" conv per stage (5 maps, bilinearly upsampled to the input size) and a 1x1 "fuse" conv over

@@ -1,5 +1,5 @@
 """Hub backbones through Hugging Face transformers: ``hf:<model id>`` or ``hf:<local directory>``
-(METHODS.md §4.2 "Backbone features" and the "Backbone upgrade test").
+(DiffUp's backbone upgrade without re-training, arXiv 2407.16182 Fig. 2 (b): larger CNNs, ViTs, CLIP weights).
 
 Features come at 3 fixed relative depths, so everything built on them is backbone-agnostic:
 

@@ -1,6 +1,6 @@
 """The training-free ``prototype`` segmenter: frozen multi-level features, masked average pooling
-(PANet / PFENet prototypes) and dense pixel-max matching (PFENet prior), the prior DiffUp builds on
-(METHODS.md §4.2 "BAFT").
+(PANet / PFENet prototypes) and dense pixel-max matching (PFENet prior): the priors of :mod:`fsdiff.priors`,
+which fsdiff's DiffUp also builds on (its BAFT block, arXiv 2407.16182 Fig. 3).
 
 For every feature level l (shallow to deep) and query pixel x, with fg/bg prototypes p_fg, p_bg from masked
 average pooling over the support regions and pixel-max priors over the support fg/bg cells:
@@ -42,7 +42,7 @@ from fsdiff.priors import (
 )
 
 INPUT_SIZE = 473
-"""Square side every image is resized to before encoding: the PASCAL size of METHODS.md §4.2 (stride-8 grid
+"""Square side every image is resized to before encoding: PFENet's and BAM's PASCAL crop size (stride-8 grid
 60x60). On 30 Weizmann-horse tuning episodes (lite0, levels 1+2): 320 -> 0.740, 400 -> 0.767, 473 -> 0.787 mIoU."""
 LEVELS = (1, 2)
 """Feature levels used (0 = stride 8, 1 = stride 16, 2 = stride 32 for EfficientNet-Lite). Tuning episodes at 473:

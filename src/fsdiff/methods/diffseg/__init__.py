@@ -1,8 +1,9 @@
 """DiffSeg (Shi et al., "Few-shot Semantic Segmentation via Perceptual Attention and Spatial Control", ACM MM
-2024; METHODS.md §3): Kandinsky 2.2 attention priors (§4.2, Eq. 11), the Perceptual Attention Module (§4.3,
-Eq. 12) and the Spatial Control Module (§4.4).
+2024): Kandinsky 2.2 attention priors (§4.2, Eq. 11), the Perceptual Attention Module (§4.3,
+Eq. 12) and the Spatial Control Module (§4.4). Section and equation numbers are the paper's. Tags in this
+package: [P] stated in the paper, [R] fsdiff's reconstruction where the paper is silent.
 
-* :mod:`.config`: :class:`DiffSegConfig` (every METHODS.md §3.9 ambiguity as a field with its default).
+* :mod:`.config`: :class:`DiffSegConfig` (every choice the paper leaves open as a field with its default).
 * :mod:`.pam`, :mod:`.scm`: the trainable modules (diffusers ``ModelMixin`` + ``ConfigMixin``).
 * :mod:`.model`: :class:`DiffSegModel` (frozen parts + PAM + SCM; forward, loss, checkpoints).
 * :mod:`.segmenter`: the ``diffseg-prior`` and ``diffseg`` segmenters (thresholds: :func:`fsdiff.evaluate.choose_threshold`).

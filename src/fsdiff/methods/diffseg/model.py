@@ -1,28 +1,30 @@
-"""The DiffSeg network (DiffSeg §4.1, Eq. (3)-(10), Fig. 2; METHODS.md §3.1, §3.5, §3.6): frozen Kandinsky 2.2
-parts (UNet, MoVQ, CLIP image encoder) plus the trainable PAM (pam.py) and SCM (scm.py).
+"""The DiffSeg network (DiffSeg, Shi et al., ACM MM 2024, §4.1, Eq. (3)-(10), Fig. 2): frozen Kandinsky 2.2
+parts (UNet, MoVQ, CLIP image encoder) plus the trainable PAM (pam.py) and SCM (scm.py). Steps the paper does
+not specify are marked [R] (fsdiff's reconstruction).
 
 Pipeline for a batch (S = ``input_size``, h = w = S / MoVQ scale factor; 64 for the default 512):
 
-1. masked support ``I_s ⊙ M_s`` (background zeroed, i.e. black; §3.9 (m)), k shots:
+1. masked support ``I_s ⊙ M_s`` (background zeroed, i.e. black, also for CLIP [R]), k shots:
    ``E_m = CLIP_img(·)`` through the prior's ``image_processor`` -> (B, k, D) and ``L_s = MoVQ.enc(·)`` ->
-   (B, k, C, h, w); both averaged over k (Eq. 3, 4; §3.9 (l)).
+   (B, k, C, h, w); both averaged over k (Eq. 3, 4; §4.1 "fused in an average manner").
 2. ``L_q = MoVQ.enc(I_q)`` (Eq. 5). Images enter the MoVQ in [-1, 1]; latents are the pre-quantisation
    ``VQModel.encode(x).latents`` and decoding uses ``decode(·, force_not_quantize=True)``, as the diffusers
    Kandinsky 2.2 pipelines do.
-3. ``L_q`` is noised to ``timestep`` (default 100) with ONE fixed noise draw (``noise_seed``; shape
-   (1, C, h, w), shared by every sample, so a prediction never depends on the batch it is in) by the decoder's
-   scheduler ``add_noise``; the frozen UNet runs once with ``added_cond_kwargs={"image_embeds": E_m}`` and no
-   classifier-free guidance, inside :class:`~fsdiff.diffusion.attention.AttentionCapture` (gradients kept) and
-   the SCM hooks (Eq. 6). The UNet's own output is not used: with ``unet_early_exit`` the pass stops after the
-   last block holding a captured attention layer.
+3. ``L_q`` is noised to ``timestep`` (default 100 [R]: the paper gives no timestep) with ONE fixed noise draw
+   (``noise_seed``; shape (1, C, h, w), shared by every sample, so a prediction never depends on the batch it is
+   in) by the decoder's scheduler ``add_noise``; the frozen UNet runs once with
+   ``added_cond_kwargs={"image_embeds": E_m}`` and no classifier-free guidance, inside
+   :class:`~fsdiff.diffusion.attention.AttentionCapture` (gradients kept) and the SCM hooks (Eq. 6). The UNet's own
+   output is not used: with ``unet_early_exit`` the pass stops after the last block holding a captured attention
+   layer.
 4. ``M_a = capture.prior(size=prior_size)``: Eq. (11) at the common size (32), upsampled bilinearly to the
-   latent grid and min-max normalised (Eq. 7; METHODS.md §3.2).
+   latent grid and min-max normalised (Eq. 7; §4.2).
 5. ``L_pre = PAM(M_a, L_s, L_q)`` (Eq. 8); ``I_pre = MoVQ.dec(L_pre)`` (Eq. 9).
-6. Read-out (§3.9 (h)): ``mask = mean_c(I_pre) > 0``. Soft map for the Segmenter protocol:
-   ``prob = clamp((mean_c(I_pre) + 1) / 2, 0, 1)`` (``prob_readout='linear'``, so ``prob > 0.5`` is exactly
-   the paper's mask) or ``sigmoid(k · mean_c(I_pre))``.
+6. Read-out [R] (the GT is encoded as a 3-channel image in [-1, 1]): ``mask = mean_c(I_pre) > 0``. Soft map
+   for the Segmenter protocol: ``prob = clamp((mean_c(I_pre) + 1) / 2, 0, 1)`` (``prob_readout='linear'``, so
+   ``prob > 0.5`` is exactly that mask) or ``sigmoid(k · mean_c(I_pre))``.
 
-Loss (Eq. 10; METHODS.md §3.5): ``α·MSE(M_a, Y_q↓) + β·MSE(L_pre, MoVQ.enc(2·Y_q − 1 as 3 channels))`` with
+Loss (Eq. 10; α, β from §4.1): ``α·MSE(M_a, Y_q↓) + β·MSE(L_pre, MoVQ.enc(2·Y_q − 1 as 3 channels))`` with
 α = 2, β = 1; ``Y_q↓`` is the GT area-resized to M_a's grid (ignore pixels, label 255, are left out of the
 first term; they count as background in the second).
 

@@ -1,4 +1,4 @@
-"""Perceptual Attention Module (DiffSeg §4.3, Eq. (8) and Eq. (12), Fig. 3; METHODS.md §3.3, §3.9 (f), (g)).
+"""Perceptual Attention Module (DiffSeg §4.3, Eq. (8) and Eq. (12), Fig. 3; [P] the paper, [R] fsdiff's choice).
 
 ``L_pre = PAM(M_a, L_s, L_q)`` at latent resolution (4096 tokens for a 64x64 latent):
 

@@ -1,5 +1,5 @@
-"""Spatial Control Module (DiffSeg §4.4, Eq. (6) ``A_m = Diff(L_q | E_m, SCM(I_l))``, Fig. 4; METHODS.md §3.4,
-§3.9 (e)).
+"""Spatial Control Module (DiffSeg §4.4, Eq. (6) ``A_m = Diff(L_q | E_m, SCM(I_l))``, Fig. 4). The edge map
+is the query's, as §4.4 and the abstract describe (§4.1 says the support's); [P] the paper, [R] fsdiff's choice.
 
 Structure (sizes [R]):
 
@@ -19,13 +19,13 @@ Structure (sizes [R]):
 
 Where the residual is added (exactly): a forward hook on ``unet.down_blocks[l]`` (``register_forward_hook``;
 no patched ``forward``) replaces the block's output ``(hidden_states, res_samples)`` by
-``(hidden_states, res_samples')`` where every ``res_samples`` entry whose spatial size equals level l's
-resolution gets ``+ r_l`` (the entry produced by the block's downsampler, if any, is left alone). Those are the
-skip connections that ``UNet2DConditionModel.forward`` later pops and concatenates onto the up-path hidden
-states of the same level (``up_blocks[n-1-l]``), i.e. the very tensors diffusers adds ControlNet's
-``down_block_additional_residuals`` to. The down-path ``hidden_states`` that flow on to the next down block and
-the mid block are NOT modified, so only up-path attention maps of controlled levels are steered (METHODS.md
-§3.4 "Consequence"). With the zero-initialised output adapters r_l == 0 exactly, so an untrained SCM leaves
+``(hidden_states, res_samples')`` where every ``res_samples`` entry whose spatial size equals level l's resolution
+gets ``+ r_l`` (the entry produced by the block's downsampler, if any, is left alone). Those are the skip
+connections that ``UNet2DConditionModel.forward`` later pops and concatenates onto the up-path hidden states of the
+same level (``up_blocks[n-1-l]``), i.e. the very tensors diffusers adds ControlNet's
+``down_block_additional_residuals`` to. The down-path ``hidden_states`` that flow on to the next down block and the
+mid block are NOT modified, so only up-path attention maps of controlled levels are steered (hence the prior uses
+the up-block maps too). With the zero-initialised output adapters r_l == 0 exactly, so an untrained SCM leaves
 every UNet output bit-identical.
 
 The SCM runs in its own dtype (float32); UNet features are cast in and residuals cast back to the UNet dtype.

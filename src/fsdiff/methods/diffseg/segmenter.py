@@ -1,5 +1,6 @@
-"""DiffSeg segmenters (DiffSeg §4, Eq. (8)-(11); METHODS.md §3.6 "Inference"): the Segmenter protocol of
-fsdiff.protocol on top of :class:`~fsdiff.methods.diffseg.model.DiffSegModel`.
+"""DiffSeg segmenters (DiffSeg §4, Eq. (8)-(11)): the Segmenter protocol of fsdiff.protocol on top of
+:class:`~fsdiff.methods.diffseg.model.DiffSegModel`. The paper does not describe inference; one UNet pass
+per query on a fixed-noise latent (see the model) is fsdiff's reconstruction.
 
 * ``diffseg-prior`` (:class:`DiffSegPriorSegmenter`): training-free. The attention prior M_a (Eq. 11; one
   Kandinsky UNet pass per query with the k-shot mean CLIP embedding of the masked supports) is upsampled

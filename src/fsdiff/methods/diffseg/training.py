@@ -1,5 +1,5 @@
 """DiffSeg training episodes and the trainable object for :func:`fsdiff.train.train` (DiffSeg, Shi et al., ACM MM
-2024, §5.2 "Implementation details"; METHODS.md §3.5 "Losses and training").
+2024, §5.2 "Implementation details", Eq. (10)).
 
 What is trained: the PAM and the SCM only (the Kandinsky UNet, MoVQ and CLIP image encoder stay frozen;
 gradients reach the SCM *through* the frozen UNet). Loss: Eq. (10), ``α·MSE(M_a, Y_q) + β·MSE(L_pre,
@@ -95,7 +95,7 @@ class DiffSegTrainable:
     ``config``: a :class:`DiffSegConfig` (default: the paper's). ``parts``: loaded Kandinsky parts
     (:class:`~fsdiff.diffusion.loading.KandinskyParts`); None loads ``config.prior_model`` /
     ``config.decoder_model`` on ``config.device`` (None = this process's accelerate device, so every process of
-    ``accelerate launch`` uses its own GPU). ``shots``: supports per episode (k; the k-shot mean of §3.1).
+    ``accelerate launch`` uses its own GPU). ``shots``: supports per episode (k; averaged as in DiffSeg §4.1).
     ``seed``: PAM/SCM initialisation seed (None keeps ``config.seed``). ``classes``: train on this subset of the
     source's classes. ``edge_detector``: callable (B, 3, S, S) RGB on 0..255 -> (B, 1, S, S) edge probabilities
     (default: the HED of ``config.hed_weights``). ``cache_mb``: budget of the resized-image / mask / edge cache.
@@ -301,10 +301,10 @@ def train_diffseg(
 ):
     """Build a :class:`DiffSegTrainable` and run :func:`fsdiff.train.train` with DiffSeg's recipe.
 
-    Every ``None`` takes the config's value (METHODS.md §3.5): ``batch_size`` = ``config.batch_size`` (4),
-    ``lr`` = 0.01, ``momentum`` = 0.9, ``weight_decay`` = 1e-4, ``gamma`` = ``config.lr_gamma`` (0.9),
-    ``step_size`` = ``config.lr_step_epochs`` (20) epochs and ``steps`` = ``config.epochs`` (200) epochs, an
-    epoch being :func:`steps_per_epoch` optimizer steps. ``seed`` seeds both the PAM/SCM initialisation and the
+    Every ``None`` takes the config's value (the module docstring's recipe): ``batch_size`` = ``config.batch_size``
+    (4), ``lr`` = 0.01, ``momentum`` = 0.9, ``weight_decay`` = 1e-4, ``gamma`` = ``config.lr_gamma`` (0.9),
+    ``step_size`` = ``config.lr_step_epochs`` (20) epochs and ``steps`` = ``config.epochs`` (200) epochs, an epoch
+    being :func:`steps_per_epoch` optimizer steps. ``seed`` seeds both the PAM/SCM initialisation and the
     trainer (episodes). ``train_kwargs`` go to :func:`fsdiff.train.train` (``resume``, ``num_threads``,
     ``mixed_precision``, ``keep_last``, ``log_every``, ...). The weights end up in ``out_dir/final`` (load with
     ``DiffSegSegmenter(checkpoint=out_dir/'final')``); a re-run with the same arguments resumes from the last
