@@ -1,4 +1,4 @@
-"""DiffUp BAFT (METHODS.md §4.2 reconstruction): priors against hand computation on tiny tensors,
+"""DiffUp BAFT (fsdiff's reconstruction of arXiv 2407.16182, Fig. 3): priors against hand computation on tiny tensors,
 backbone independence of the channel count, sparse-annotation regions, query info, the CLIP text prior."""
 
 from __future__ import annotations

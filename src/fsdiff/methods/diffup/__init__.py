@@ -1,8 +1,10 @@
-"""DiffUp (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182; METHODS.md §4): the model core.
+"""DiffUp (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182): the model core.
 
-BAFT priors and frozen encoders live elsewhere; this package holds the configuration, UAPF (Sec. III-C2),
-UQDD with SCM and DQM (Sec. III-C3) and the diffusion schedule (annotation synthesis: fsdiff.synth). All
-internals are METHODS.md §4.2 reconstructions [R].
+BAFT priors and frozen encoders live elsewhere; this package holds the configuration, UAPF (the paper's
+Fig. 3, "uncertainty-aware prior fusion"), UQDD with SCM and DQM (Fig. 4 and Fig. 5) and the diffusion
+schedule (annotation synthesis: fsdiff.synth). Tags in the docstrings: [P] stated in the paper (its abstract
+and figure captions: Fig. 2 overview, Fig. 3 BAFT/UAPF, Fig. 4 SCM, Fig. 5 DQM); [R] fsdiff's reconstruction
+where the paper gives no detail (sizes, losses, schedule), with the reason where one is known.
 """
 
 from fsdiff.methods.diffup.config import ANNOTATION_TYPES, DEFAULT_START_FRACTIONS, DiffUpConfig

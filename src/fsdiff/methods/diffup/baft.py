@@ -1,4 +1,4 @@
-"""BAFT: the backbone-agnostic feature transform of DiffUp (Chen et al., arXiv 2407.16182, Sec. III-C1).
+"""BAFT: the backbone-agnostic feature transform of DiffUp (Chen et al., arXiv 2407.16182, Fig. 3, BAFT).
 
 Established by the paper: BAFT turns frozen-backbone multi-scale support/query features and a text
 embedding of "a photo of a {class}" into unified, coarse, backbone-agnostic priors, so the backbone can

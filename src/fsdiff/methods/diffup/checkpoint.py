@@ -1,4 +1,4 @@
-"""DiffUp checkpoints (arXiv 2407.16182, Sec. III: the trained UAPF and UQDD) in fsdiff's common layout
+"""DiffUp checkpoints (arXiv 2407.16182, Fig. 2: the trained UAPF and UQDD) in fsdiff's common layout
 (:mod:`fsdiff.checkpoint`)::
 
     DIR/fsdiff_checkpoint.json      method "diffup", DiffUpConfig, the encoder the priors were computed with, provenance

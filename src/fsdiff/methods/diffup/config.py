@@ -1,5 +1,5 @@
 """DiffUp configuration: every choice as one dataclass field (DiffUp, arXiv 2407.16182,
-Sec. III; all values are fsdiff's reconstructions [R] unless the field's comment says otherwise).
+Fig. 2; all values are fsdiff's reconstructions [R] unless the field's comment says otherwise).
 
 Resolutions: the query is resized to ``input_size`` (default 384, not the usual FSS 473/512, so that CPU
 training stays feasible); priors live at stride ``prior_stride`` = 8 (48×48) and the mask diffusion at

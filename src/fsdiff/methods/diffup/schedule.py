@@ -1,4 +1,4 @@
-"""DiffUp's diffusion schedule and sampler maths (DiffUp Sec. III-C3, UQDD, "prior as intermediate" and
+"""DiffUp's diffusion schedule and sampler maths (DiffUp, arXiv 2407.16182, Fig. 2 and 4, UQDD, "prior as intermediate" and
 sampling).
 
 All of it is fsdiff's reconstruction [R]: the paper's schedule, T and sampler could not be

@@ -1,4 +1,4 @@
-"""The DiffUp segmenter (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182, Sec. III):
+"""The DiffUp segmenter (Chen et al., "No Re-Train, More Gain", arXiv 2407.16182, Fig. 2):
 frozen encoder -> BAFT priors per shot -> UAPF fusion -> UQDD sampling from the prior, behind a prior check.
 
 Inference for one episode ([R] = fsdiff's reconstruction where the paper gives no detail):

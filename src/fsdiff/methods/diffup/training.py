@@ -1,5 +1,5 @@
 """DiffUp training episodes and the trainable object for :func:`fsdiff.train.train` (DiffUp, arXiv
-2407.16182, Sec. III-D "training on base classes with all annotation types"; the recipe is the
+2407.16182, Fig. 2 (a) "training on base classes with all annotation types"; the recipe is the
 fsdiff's reconstruction [R]).
 
 Per episode (all draws from one ``numpy.random.Generator`` per episode, derived from the batch rng the

@@ -1,4 +1,4 @@
-"""UAPF: uncertainty-aware prior fusion (DiffUp, arXiv 2407.16182, Sec. III-C2).
+"""UAPF: uncertainty-aware prior fusion (DiffUp, arXiv 2407.16182, Fig. 3, UAPF).
 
 Established by the paper: UAPF fuses the backbone-agnostic priors of 0..K shots of mixed annotation
 types into two maps, a mean and a variance. Everything below is fsdiff's reconstruction [R]:
