@@ -1,20 +1,36 @@
-"""DiffUp annotation synthesis: boxes, skeleton scribbles, episode layouts, seeding."""
+"""Annotation synthesis: boxes, skeleton scribbles, background strokes, clicks, episode layouts, seeding."""
 
 from __future__ import annotations
+
+import hashlib
 
 import cv2
 import numpy as np
 import pytest
 
-from fsdiff.episode import BoxAnnotation, MaskAnnotation, ScribbleAnnotation, TextAnnotation
+from fsdiff.episode import (
+    BoxAnnotation,
+    Episode,
+    MaskAnnotation,
+    PointsAnnotation,
+    Query,
+    ScribbleAnnotation,
+    Shot,
+    TextAnnotation,
+)
 from fsdiff.errors import FsdiffError
 from fsdiff.synth import (
+    SUPPORT_ANNOTATIONS,
     EpisodeLayout,
+    convert_supports,
     episode_rng,
     sample_episode_layout,
     synthesize_annotation,
+    synthesize_background_strokes,
     synthesize_box,
+    synthesize_points,
     synthesize_scribble,
+    synthesize_scribble_fgbg,
     zhang_suen_skeleton,
 )
 
@@ -130,8 +146,10 @@ def test_synthesize_annotation_kinds():
     assert isinstance(synthesize_annotation(m, "box", 0), BoxAnnotation)
     assert isinstance(synthesize_annotation(m, "scribble", 0), ScribbleAnnotation)
     assert isinstance(synthesize_annotation(m, "text", 0), TextAnnotation)
+    assert isinstance(synthesize_annotation(m, "points", 0), PointsAnnotation)
+    assert isinstance(synthesize_annotation(m, "scribble-fgbg", 0), ScribbleAnnotation)
     with pytest.raises(FsdiffError, match="points"):
-        synthesize_annotation(m, "points", 0)
+        synthesize_annotation(m, "polygon", 0)
 
 
 def test_episode_layouts():
@@ -161,3 +179,98 @@ def test_episode_rng_is_stable_and_keyed():
     m = animal()
     s1 = synthesize_scribble(m, episode_rng(3, "ep", 1)).strokes
     assert np.array_equal(s1, synthesize_scribble(m, episode_rng(3, "ep", 1)).strokes)
+
+
+def _episode(mask: np.ndarray) -> Episode:
+    img = np.zeros(mask.shape + (3,), np.uint8)
+    return Episode(1, "animal", (Shot(img, MaskAnnotation(mask), image_id="s0"),), (Query(img),), episode_id="e7")
+
+
+def test_existing_kinds_are_unchanged():
+    """Golden digests of the box / scribble outputs from before points and scribble-fgbg were added."""
+    m = animal(ignore_band=True)
+    h = hashlib.sha256()
+    for seed in range(5):
+        h.update(synthesize_scribble(m, seed).strokes.tobytes())
+        h.update(np.asarray(synthesize_box(m).box).tobytes())
+    assert h.hexdigest()[:16] == "04824aa5e4d24b7d"
+    strokes = convert_supports(_episode(m), "scribble", 3).shots[0].annotation.strokes
+    assert hashlib.sha256(strokes.tobytes()).hexdigest()[:16] == "b5caf7426ef8043d"
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_points_inside_the_object(ignore):
+    m = animal(ignore)
+    fg = m == 1
+    dist = cv2.distanceTransform(np.pad(fg.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    counts = set()
+    for seed in range(20):
+        p = synthesize_points(m, seed)
+        p.validate(m.shape, "synthetic points")
+        xy = np.round(p.points).astype(int)
+        pos, neg = xy[p.labels == 1], xy[p.labels == 0]
+        assert 1 <= len(pos) <= 3 and 0 <= len(neg) <= 2
+        counts.add((len(pos), len(neg)))
+        # positive clicks deep inside: at least half the largest distance to the border
+        assert np.all(dist[pos[:, 1], pos[:, 0]] >= 0.5 * dist.max() - 1e-6)
+        assert np.all(m[neg[:, 1], neg[:, 0]] == 0)  # negatives on background, never on ignore
+    assert len(counts) >= 5  # the numbers of clicks vary with the seed
+
+
+def test_points_seeding_and_spacing():
+    m = animal()
+    a = synthesize_points(m, 4)
+    b = synthesize_points(m, np.random.default_rng(4))
+    assert np.array_equal(a.points, b.points) and np.array_equal(a.labels, b.labels)
+    assert len({synthesize_points(m, s).points.tobytes() for s in range(8)}) >= 6
+    bar = np.zeros((60, 400), np.uint8)
+    bar[10:50, 10:390] = 1
+    p = synthesize_points(bar, 0, positive=(3, 3), negative=(0, 0))
+    xs = np.sort(p.points[:, 0])
+    assert len(xs) == 3 and np.all(np.diff(xs) >= 0.5 * 20 - 1)  # spread along the bar
+    none = synthesize_points(np.ones((30, 30), np.uint8), 0, negative=(2, 2))
+    assert np.all(none.labels == 1)  # no background pixel: no negative click
+    with pytest.raises(FsdiffError, match="positive"):
+        synthesize_points(m, 0, positive=(0, 2))
+    with pytest.raises(FsdiffError, match="no class pixel"):
+        synthesize_points(np.zeros((10, 10), np.uint8), 0)
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_background_strokes_outside_the_object(ignore):
+    m = animal(ignore)
+    size = np.sqrt((m == 1).sum())
+    outside = cv2.distanceTransform((m != 1).astype(np.uint8), cv2.DIST_L2, 5)
+    for seed in range(6):
+        bg = synthesize_background_strokes(m, seed)
+        assert bg.any() and np.all(m[bg] == 0)
+        # drawn around the object, not far away: within the largest distance plus the stroke width
+        assert outside[bg].max() <= 0.3 * size + 5
+
+
+def test_scribble_fgbg_adds_background_to_the_same_stroke():
+    m = animal()
+    for seed in range(4):
+        fgbg = synthesize_scribble_fgbg(m, seed).strokes
+        assert np.array_equal(fgbg == 1, synthesize_scribble(m, seed).strokes == 1)
+        assert (fgbg == 2).any() and np.all(m[fgbg == 2] == 0) and set(np.unique(fgbg)) == {0, 1, 2}
+    assert np.array_equal(synthesize_scribble_fgbg(m, 9).strokes, synthesize_scribble_fgbg(m, 9).strokes)
+    full = np.ones((40, 40), np.uint8)
+    assert not (synthesize_scribble_fgbg(full, 0).strokes == 2).any()  # no background: no background stroke
+    fill = np.zeros((40, 40), np.uint8)
+    fill[1:, :] = 1  # the dilated outline lies off the image: a dot on the one background row instead
+    bg = synthesize_background_strokes(fill, 0)
+    assert bg.any() and np.all(fill[bg] == 0)
+
+
+def test_convert_supports_new_kinds():
+    m = animal()
+    ep = _episode(m)
+    assert {"scribble-fgbg", "points"} <= set(SUPPORT_ANNOTATIONS)
+    pts = convert_supports(ep, "points", 3).shots[0].annotation
+    assert isinstance(pts, PointsAnnotation)
+    again = convert_supports(ep, "points", 3).shots[0].annotation
+    assert np.array_equal(pts.points, again.points)
+    fgbg = convert_supports(ep, "scribble-fgbg", 3).shots[0].annotation.strokes
+    fg = convert_supports(ep, "scribble", 3).shots[0].annotation.strokes
+    assert np.array_equal(fgbg == 1, fg == 1) and (fgbg == 2).any()

@@ -21,6 +21,13 @@ METHODS.md §4.2 reconstruction [R]:
 * per episode K ~ U{0..max_shots}, per-shot types ~ U{mask, box, scribble}, and a text prior with
   probability 0.5, always when K = 0.
 
+For the weak-label benchmarks of every method two more kinds simulate what a user gives (fsdiff's own
+choice, not from the paper): ``points`` = 1-3 clicks deep inside the object (where the distance to its
+border is at least half its largest value, spread apart) and 0-2 clicks on the background just off it;
+``scribble-fgbg`` = the ``scribble`` stroke (the same one for the same generator) plus 1-2 background
+strokes, each a random arc of the object's outline dilated by 10-30 % of sqrt(area), cut to background
+pixels.
+
 Everything draws from an explicit ``numpy.random.Generator``; :func:`episode_rng` derives a stable one
 per (seed, episode key), so box/scribble results are reproducible per episode (the trainer derives its
 batch generators with it too). The module is method-neutral and light (numpy, OpenCV), so
@@ -43,6 +50,7 @@ from fsdiff.episode import (
     BoxAnnotation,
     Episode,
     MaskAnnotation,
+    PointsAnnotation,
     ScribbleAnnotation,
     TextAnnotation,
     check_label,
@@ -276,19 +284,162 @@ def synthesize_scribble(
     return ScribbleAnnotation(strokes)
 
 
+def _distance_inside(fg: np.ndarray) -> np.ndarray:
+    """Euclidean distance of every class pixel to the nearest non-class pixel (the image frame counts as
+    outside, so a click is never drawn hugging the border)."""
+    padded = np.pad(fg.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, 5)[1:-1, 1:-1]
+
+
+def _pick(candidates: np.ndarray, weights: np.ndarray, gen: np.random.Generator) -> int:
+    """Index of a candidate drawn with probability proportional to ``weights``."""
+    p = weights.astype(np.float64)
+    p = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
+    return int(candidates[int(gen.choice(len(candidates), p=p))])
+
+
+def synthesize_points(
+    mask: np.ndarray,
+    rng: int | np.random.Generator | None,
+    *,
+    positive: tuple[int, int] = (1, 3),
+    negative: tuple[int, int] = (0, 2),
+    interior: float = 0.5,
+    spacing: float = 0.5,
+    near: tuple[float, float] = (0.1, 0.5),
+) -> PointsAnnotation:
+    """Clicks a user would give: ``positive`` (inclusive range) clicks deep inside the object and ``negative``
+    clicks on the background near it.
+
+    Positive clicks fall where the distance to the object's border is at least ``interior`` times its
+    largest value (the first near the object's "centre"), drawn with probability proportional to that
+    distance; each later click keeps ``spacing`` times that largest distance from the earlier ones when it
+    can. Negative clicks fall on background pixels (never ignore) whose distance from the object lies in
+    ``near`` times sqrt(object area) (a click just off the object), anywhere on the background when no
+    pixel is that near, and are left out when the image has no background.
+    """
+    label = _as_label(mask)
+    fg = label == 1
+    lo, hi = positive
+    nlo, nhi = negative
+    if not 1 <= lo <= hi or not 0 <= nlo <= nhi:
+        raise FsdiffError(f"positive={positive} must satisfy 1 <= lo <= hi and negative={negative} 0 <= lo <= hi.")
+    gen = as_rng(rng)
+    n_pos = int(gen.integers(lo, hi + 1))
+    n_neg = int(gen.integers(nlo, nhi + 1))
+    dist = _distance_inside(fg)
+    top = float(dist.max())
+    cand = np.flatnonzero((dist >= interior * top).ravel())
+    cand_w = dist.ravel()[cand]
+    h, w = fg.shape
+    cy, cx = np.divmod(cand, w)
+    points: list[tuple[float, float]] = []
+    for _ in range(n_pos):
+        ok = np.ones(len(cand), bool)
+        for px, py in points:
+            ok &= (cx - px) ** 2 + (cy - py) ** 2 >= (spacing * top) ** 2
+        if not ok.any():
+            ok = np.ones(len(cand), bool)
+        k = _pick(cand[ok], cand_w[ok], gen)
+        points.append((float(k % w), float(k // w)))
+    labels = [1] * len(points)
+    bg = label == 0
+    if n_neg and bg.any():
+        outside = cv2.distanceTransform((~fg).astype(np.uint8), cv2.DIST_L2, 5)
+        size = np.sqrt(float(fg.sum()))
+        band = bg & (outside >= near[0] * size) & (outside <= near[1] * size)
+        pool = np.flatnonzero((band if band.any() else bg).ravel())
+        for _ in range(n_neg):
+            k = int(pool[int(gen.integers(len(pool)))])
+            points.append((float(k % w), float(k // w)))
+            labels.append(0)
+    return PointsAnnotation(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels, np.int64))
+
+
+def synthesize_background_strokes(
+    mask: np.ndarray,
+    rng: int | np.random.Generator | None,
+    *,
+    count: tuple[int, int] = (1, 2),
+    width: int = 5,
+    distance: tuple[float, float] = (0.1, 0.3),
+    arc: tuple[float, float] = (0.15, 0.4),
+) -> np.ndarray:
+    """Background strokes a user would draw around an object: bool (H, W), on background pixels only.
+
+    Each of ``count`` (inclusive range) strokes is a random arc (``arc`` of the perimeter) of the outline
+    of the object dilated by ``distance`` times sqrt(object area), ``width`` px wide, cut to background
+    pixels (never the object, ignore pixels or outside the image). When nothing of the arc survives (the
+    object fills the frame), the stroke is a disk at the background pixel farthest from the object; an
+    image without background pixels gets no stroke.
+    """
+    label = _as_label(mask)
+    fg = label == 1
+    bg = label == 0
+    gen = as_rng(rng)
+    n = int(gen.integers(count[0], count[1] + 1))
+    out = np.zeros(fg.shape, np.uint8)
+    if not bg.any():
+        return out.astype(bool)
+    size = np.sqrt(float(fg.sum()))
+    h, w = fg.shape
+    for _ in range(n):
+        d = max(width, int(round(float(gen.uniform(*distance)) * size)))
+        grown = np.pad(fg, d).astype(np.uint8)
+        grown = cv2.dilate(grown, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * d + 1, 2 * d + 1)))
+        contours, _ = cv2.findContours(grown, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contour = max(contours, key=len)[:, 0, :] - d  # (x, y) in image coordinates
+        m = len(contour)
+        length = max(2, int(round(float(gen.uniform(*arc)) * m)))
+        start = int(gen.integers(m))
+        path = contour[(start + np.arange(length)) % m].astype(np.int32)
+        stroke = np.zeros((h, w), np.uint8)
+        cv2.polylines(stroke, [path.reshape(-1, 1, 2)], isClosed=False, color=1, thickness=1, lineType=cv2.LINE_8)
+        stroke = cv2.dilate(stroke, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (width, width)))
+        stroke = (stroke > 0) & bg
+        if not stroke.any():
+            far = cv2.distanceTransform((~fg).astype(np.uint8), cv2.DIST_L2, 5)
+            far[~bg] = -1
+            k = int(np.argmax(far))
+            dot = np.zeros((h, w), np.uint8)
+            cv2.circle(dot, (k % w, k // w), max(1, width // 2), 1, thickness=-1)
+            stroke = (dot > 0) & bg
+        out |= stroke.astype(np.uint8)
+    return out.astype(bool)
+
+
+def synthesize_scribble_fgbg(
+    mask: np.ndarray, rng: int | np.random.Generator | None, *, width: int = 5
+) -> ScribbleAnnotation:
+    """A foreground stroke (:func:`synthesize_scribble`, the same one for the same generator state) plus
+    background strokes around the object (:func:`synthesize_background_strokes`, label 2)."""
+    gen = as_rng(rng)
+    strokes = synthesize_scribble(mask, gen, width=width).strokes.copy()
+    bg = synthesize_background_strokes(mask, gen, width=width)
+    strokes[bg & (strokes == 0)] = 2
+    return ScribbleAnnotation(strokes)
+
+
 def synthesize_annotation(
     mask: np.ndarray, kind: str, rng: int | np.random.Generator | None, *, scribble_width: int = 5
 ) -> Annotation:
-    """A support annotation of ``kind`` (mask, box, scribble or text) synthesised from a GT mask."""
+    """A support annotation of ``kind`` (mask, box, scribble, scribble-fgbg, points or text) synthesised from
+    a GT mask."""
     if kind == "mask":
         return MaskAnnotation(_as_label(mask).copy())
     if kind == "box":
         return synthesize_box(mask)
     if kind == "scribble":
         return synthesize_scribble(mask, rng, width=scribble_width)
+    if kind == "scribble-fgbg":
+        return synthesize_scribble_fgbg(mask, rng, width=scribble_width)
+    if kind == "points":
+        return synthesize_points(mask, rng)
     if kind == "text":
         return TextAnnotation()
-    raise FsdiffError(f"cannot synthesise a {kind!r} annotation; use one of mask, box, scribble, text.")
+    raise FsdiffError(
+        f"cannot synthesise a {kind!r} annotation; use one of mask, box, scribble, scribble-fgbg, points, text."
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -333,8 +484,9 @@ def sample_episode_layout(
 # ----------------------------------------------------------------------------------------------------
 # weak-label benchmarks
 # ----------------------------------------------------------------------------------------------------
-SUPPORT_ANNOTATIONS: tuple[str, ...] = SHOT_TYPES
-"""Support annotation kinds an evaluation can convert its mask supports to."""
+SUPPORT_ANNOTATIONS: tuple[str, ...] = SHOT_TYPES + ("scribble-fgbg", "points")
+"""Support annotation kinds an evaluation can convert its mask supports to (``scribble-fgbg``: the
+``scribble`` stroke plus background strokes; ``points``: clicks)."""
 
 
 def convert_supports(episode: Episode, kind: str, seed: int = 0, scribble_width: int = 5) -> Episode:
@@ -342,8 +494,10 @@ def convert_supports(episode: Episode, kind: str, seed: int = 0, scribble_width:
 
     Used by the weak-label benchmarks (``fsdiff eval --support-annotation box``) for any method: boxes are
     the tight box, scribbles come from :func:`synthesize_scribble` (``scribble_width`` px, in the support
-    image's pixels) with a generator keyed by (seed, episode id, shot index, image id), so every method
-    sees the same scribbles. Non-mask supports are kept as they are.
+    image's pixels), ``scribble-fgbg`` adds background strokes to the same stroke
+    (:func:`synthesize_scribble_fgbg`) and ``points`` are clicks (:func:`synthesize_points`), each with a
+    generator keyed by (seed, episode id, shot index, image id), so every method sees the same labels.
+    Non-mask supports are kept as they are.
     """
     if kind not in SUPPORT_ANNOTATIONS:
         raise FsdiffError(f"support annotation {kind!r}: use one of {', '.join(SUPPORT_ANNOTATIONS)}.")
