@@ -168,15 +168,19 @@ def test_eval_bad_input(tmp_path, capsys, shared_data, extra, message):
 def test_eval_weak_supports_and_diffup_routing(tmp_path, capsys, monkeypatch):
     root = _user_folder(tmp_path / "ds")
     scores = {}
-    for kind in ("mask", "box", "scribble"):
-        out = tmp_path / f"report-{kind}"
-        code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--shots", "1", "--episodes", "6",
-                             "--support-annotation", kind, "--out", out, "--no-progress"], capsys)
-        assert code == 0, err
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["support_annotation"] == kind
-        scores[kind] = summary["miou"]
-    assert len(set(scores.values())) > 1  # the supports really changed
+    for kind in ("mask", "box", "scribble", "scribble-fgbg", "points"):
+        for masks in ("grabcut", "off"):
+            out = tmp_path / f"report-{kind}-{masks}"
+            code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--shots", "1", "--episodes", "6",
+                                 "--support-annotation", kind, "--support-masks", masks, "--out", out,
+                                 "--no-progress"], capsys)
+            assert code == 0, err
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["support_annotation"] == kind and summary["support_masks"] == masks
+            scores[kind, masks] = summary["miou"]
+    assert len({scores[k, "off"] for k in ("mask", "box", "scribble")}) > 1  # the supports really changed
+    for kind in ("box", "scribble", "scribble-fgbg", "points"):  # estimated masks close the gap to the mask
+        assert scores[kind, "grabcut"] >= scores[kind, "off"] and scores[kind, "grabcut"] > scores["mask", "off"] - 2
     with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown kind with the choices
         _run(["eval", "--dataset", "folder", "--root", root, "--support-annotation", "polygon",
               "--out", tmp_path / "bad", "--no-progress"], capsys)
@@ -357,3 +361,22 @@ def test_refinement_is_on_by_default_recorded_and_switchable(tmp_path, capsys):
     code, _, err = _run(["eval", "--dataset", "folder", "--root", root, "--refine", "guided:radius=x",
                          "--out", tmp_path / "bad", "--no-progress"], capsys)
     assert code == 2 and "--refine 'guided:radius=x': radius needs an integer" in err and not (tmp_path / "bad").exists()
+
+
+def test_weak_supports_are_estimated_and_the_estimate_is_written(tmp_path, capsys):
+    s, q = _photo(tmp_path, "s.png"), _photo(tmp_path, "q.png", seed=1)
+    out = tmp_path / "out"
+    code, _, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", out,
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    est = np.asarray(Image.open(out / "support1_s_estimate.png"))
+    truth = np.asarray(Image.open(_mask(tmp_path, "m.png"))) == 255
+    assert set(np.unique(est)) <= {0, 128, 255}
+    inter, union = ((est == 255) & truth).sum(), ((est == 255) | truth).sum()
+    assert inter / union > 0.8  # the red square inside the loose box is recovered
+    assert not est[:, :8].any() and not est[42:].any()  # nothing outside the box is object
+    off = tmp_path / "off"
+    code, _, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", off,
+                         "--support-masks", "off", "--no-progress"], capsys)
+    assert code == 0, err
+    assert not list(off.glob("*_estimate.png"))

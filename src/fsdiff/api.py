@@ -25,6 +25,8 @@ from fsdiff.output import OutputFolder, WrittenPrediction
 from fsdiff.pipeline import Pipeline
 
 DEFAULT_METHOD = "prototype"
+DEFAULT_SUPPORT_MASKS = "grabcut"
+"""Weak-label step applied by default (fsdiff.weaklabel): box, scribble and click supports become estimated masks."""
 DEFAULT_REFINE = "guided"
 """Edge refinement applied by default (fsdiff.refine): it gained mIoU on every setting measured."""
 
@@ -126,7 +128,9 @@ class Segmenter(Pipeline):
     encoder; ``checkpoint``: trained weights; ``threshold``: the decision threshold (default the method's);
     ``benchmark`` ({dataset, fold, convention}): lets a method with shipped weights pick the checkpoint
     blind to that fold's classes; ``augment`` (``'hed:4'``) with ``augment_options`` (cache, model,
-    controlnet, per_shot, steps, resolution, seed): DifFSS generated supports; ``refine``: the edge refinement
+    controlnet, per_shot, steps, resolution, seed): DifFSS generated supports; ``support_masks``: how box,
+    scribble and click supports become masks first (:mod:`fsdiff.weaklabel`; default ``'grabcut'``; ``'off'``
+    uses the labels as they are); ``refine``: the edge refinement
     of every probability map (:mod:`fsdiff.refine`; default ``'guided'``, which gained on every setting measured,
     docs/BENCHMARKS.md; ``'off'`` or None for the method's raw maps); ``options``: the method's own.
     """
@@ -134,22 +138,28 @@ class Segmenter(Pipeline):
     def __init__(self, method: str = DEFAULT_METHOD, *, encoder: str | None = None,
                  checkpoint: str | os.PathLike | None = None, threshold: float | None = None,
                  benchmark: Mapping[str, Any] | None = None, augment: str | None = None,
-                 augment_options: Mapping[str, Any] | None = None, refine: Any = DEFAULT_REFINE,
-                 **options: Any) -> None:
+                 augment_options: Mapping[str, Any] | None = None, support_masks: Any = DEFAULT_SUPPORT_MASKS,
+                 refine: Any = DEFAULT_REFINE, **options: Any) -> None:
         from fsdiff.methods import build_method
         from fsdiff.refine import as_refiner
+        from fsdiff.weaklabel import as_support_step
 
-        refiner = as_refiner(refine)  # a bad spec fails before any model loads
+        refiner, support_step = as_refiner(refine), as_support_step(support_masks)  # bad specs fail before loading
         if encoder is not None:
             options["encoder"] = encoder
         if checkpoint is not None:
             options["checkpoint"] = checkpoint
         built = build_method(method, benchmark=benchmark, **options)
-        super().__init__(built, augmenter=_augmenter(augment, augment_options or {}) if augment else None,
-                         refiner=refiner)
+        super().__init__(built, support_step=support_step, refiner=refiner,
+                         augmenter=_augmenter(augment, augment_options or {}) if augment else None)
         self.method_name = method
         if threshold is not None:
             self.threshold = _check_threshold(threshold)
+
+    @property
+    def support_masks_spec(self) -> str:
+        """The weak-label step in force, as text (``'off'`` or e.g. ``'grabcut'``)."""
+        return "off" if self.support_step is None else self.support_step.spec
 
     @property
     def refine_spec(self) -> str:
@@ -174,10 +184,13 @@ class Segmenter(Pipeline):
         if not items:
             raise FsdiffError("queries: no query image given; pass at least one.")
         names = [_query_name(q, i) for i, q in enumerate(items)]
-        folder = OutputFolder(out, names, formats=formats, overlay=overlay, overwrite=overwrite) if out is not None \
-            else None
+        estimates = _estimate_names(shots) if self.support_step is not None else {}
+        folder = OutputFolder(out, names, formats=formats, overlay=overlay, overwrite=overwrite,
+                              extra=tuple(estimates.values())) if out is not None else None
         first = _as_query(items[0], names[0])
         prepared = self.prepare(Episode(class_id=0, class_name=class_name, shots=tuple(shots), queries=(first,)))
+        if folder is not None:
+            _write_estimates(folder, prepared, estimates)
         bar = _progress(len(items), progress)
         try:
             for i, item in enumerate(items):
@@ -194,6 +207,26 @@ class Segmenter(Pipeline):
     def segment(self, shots: Sequence[Shot], queries: Iterable[Query | ImageLike], **kwargs: Any) -> list[SegmentResult]:
         """Every query's result (see :meth:`iter_segment` for the keyword arguments)."""
         return list(self.iter_segment(shots, queries, **kwargs))
+
+
+def _estimate_names(shots: Sequence[Shot]) -> dict[int, str]:
+    """Output names of the estimated masks: ``support<i>_<stem>_estimate.png`` per weak-label support."""
+    from fsdiff.output import unique_stems
+
+    weak = [i for i, s in enumerate(shots) if s.annotation.kind in ("box", "scribble", "points")]
+    stems = unique_stems([shots[i].image_id or f"support{i + 1}" for i in weak])
+    return {i: f"support{i + 1}_{stem}_estimate.png" for i, stem in zip(weak, stems)}
+
+
+def _write_estimates(folder: OutputFolder, prepared: Episode, names: Mapping[int, str]) -> None:
+    """Write each estimated support mask (0 background, 255 object, 128 unsure) beside the outputs."""
+    from fsdiff.io import IGNORE, write_image
+
+    for i, name in names.items():
+        mask = getattr(prepared.shots[i].annotation, "mask", None)
+        if mask is not None:
+            picture = np.where(mask == IGNORE, 128, np.where(mask == 1, 255, 0)).astype(np.uint8)
+            folder.write_file(name, lambda p, a=picture: write_image(p, a))
 
 
 def _check_threshold(value: Any) -> float:

@@ -210,6 +210,7 @@ def evaluate_benchmark(
     info = {
         **(meta or {}), "dataset": dataset, "fold": fold, "shots": shots,
         "method": getattr(segmenter, "name", None), "encoder": getattr(segmenter, "encoder_name", None),
+        "support_masks": getattr(segmenter, "support_masks_spec", None),
         "refine": getattr(segmenter, "refine_spec", None),
         "episodes": len(runs[0][1]), "protocol": protocol, "resolution": resolution,
         "convention": source_options.get("convention", "interleaved") if dataset == "coco" else None,

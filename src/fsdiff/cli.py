@@ -29,7 +29,7 @@ _FLAGS = {
 }
 _KNOWN = ("box", "mask", "scribble", "points", "threshold", "shots", "protocol", "visualize", "split", "out",
           "checkpoint", "encoder", "fold", "ann", "steps", "lr", "warmup", "seed", "prior", "decoder", "config",
-          "overwrite", "refine")
+          "overwrite", "refine", "support_masks")
 
 
 def cli_terms(message: str) -> str:
@@ -84,6 +84,9 @@ def _add_method_args(p: argparse.ArgumentParser) -> None:
                    help=_choices_help("frozen image encoder (default: the method's):", encoder_summaries()))
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="trained weights of the method (default: the method's shipped or none)")
     p.add_argument("--threshold", type=float, default=None, help="decision threshold in (0, 1) (default: the method's, 0.5)")
+    p.add_argument("--support-masks", default="grabcut", choices=["grabcut", "off"],
+                   help="turn box, scribble and click supports into estimated masks first (default grabcut;\n"
+                        "off uses the labels as they are)")
     p.add_argument("--refine", default="guided", metavar="SPEC",
                    help="snap probability maps to image edges: guided (default), grabcut (slower, strong with\n"
                         "scribbles) or off; options as guided:radius=24,size=512")
@@ -143,6 +146,8 @@ def _segment_parser(sub) -> None:
 
 
 def _eval_parser(sub) -> None:
+    from fsdiff.synth import SUPPORT_ANNOTATIONS
+
     p = sub.add_parser("eval", help="score a method on a few-shot benchmark fold", formatter_class=argparse.RawTextHelpFormatter)
     _add_source_args(p)
     p.add_argument("--shots", type=int, default=1)
@@ -155,7 +160,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--split", choices=["trn"], default=None,
                    help="score the fold's base (training) classes instead of its test classes,\ne.g. to choose a "
                         "training-free method's settings without touching the test classes")
-    p.add_argument("--support-annotation", choices=["mask", "box", "scribble"], default="mask",
+    p.add_argument("--support-annotation", choices=list(SUPPORT_ANNOTATIONS), default="mask",
                    help="turn every support mask into this annotation first (weak-label benchmarks; default mask)")
     p.add_argument("--calibrate-threshold", type=int, default=0, metavar="N", help="choose the decision threshold on N episodes of the fold's base classes first")
     p.add_argument("--skip-small-classes", action="store_true", help="leave out classes with no more images than --shots (small datasets); they are listed in summary.json")
@@ -273,7 +278,8 @@ def _segmenter(args: argparse.Namespace, benchmark: dict | None = None):
                            "steps": args.augment_steps, "resolution": args.augment_resolution}
     return Segmenter(args.method, encoder=args.encoder, checkpoint=args.checkpoint, threshold=args.threshold,
                      benchmark=benchmark, augment=getattr(args, "augment", None), augment_options=augment_options,
-                     refine=args.refine, **_key_values(args.method_arg, "--method-arg"))
+                     support_masks=args.support_masks, refine=args.refine,
+                     **_key_values(args.method_arg, "--method-arg"))
 
 
 def expand_queries(items: Sequence[str]) -> list[str]:

@@ -428,3 +428,68 @@ def estimate_supports(episode: Episode, config: WeakLabelConfig | None = None, s
             shot = dataclasses.replace(shot, annotation=EstimatedMaskAnnotation(mask, source=ann))
         shots.append(shot)
     return dataclasses.replace(episode, shots=tuple(shots))
+
+
+class SupportMaskStep:
+    """The support stage of :class:`fsdiff.pipeline.Pipeline`: weak-label shots get their estimated masks.
+
+    Estimates are remembered per (image, label) for the last ``memo`` supports, so a support that recurs
+    across episodes (benchmarks) or calls (the web app) is estimated once.
+    """
+
+    def __init__(self, config: WeakLabelConfig | None = None, seed: int = 0, memo: int = 256) -> None:
+        self.config = config if config is not None else WeakLabelConfig()
+        if not isinstance(self.config, WeakLabelConfig):
+            raise FsdiffError(f"support_masks: expected a WeakLabelConfig, got {type(self.config).__name__}.")
+        self.seed, self.memo = int(seed), int(memo)
+        self._memo: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, image: np.ndarray, ann: Annotation) -> tuple:
+        from fsdiff.features import image_digest
+
+        parts = [np.asarray(getattr(ann, f)) for f in ("box", "strokes", "points", "labels") if hasattr(ann, f)]
+        return (image_digest(image), type(ann).__name__, *(image_digest(np.ascontiguousarray(p)) for p in parts))
+
+    def estimate(self, image: np.ndarray, ann: Annotation) -> np.ndarray:
+        """The estimated mask of one weak label (remembered)."""
+        key = self._key(image, ann)
+        with self._lock:
+            if key in self._memo:
+                return self._memo[key]
+        mask = estimate_mask(image, ann, self.config, self.seed)
+        with self._lock:
+            self._memo[key] = mask
+            while len(self._memo) > self.memo:
+                self._memo.pop(next(iter(self._memo)))
+        return mask
+
+    def __call__(self, episode: Episode) -> Episode:
+        shots = []
+        for shot in episode.shots:
+            ann = shot.annotation
+            if isinstance(ann, (BoxAnnotation, ScribbleAnnotation, PointsAnnotation)):
+                shot = dataclasses.replace(shot, annotation=EstimatedMaskAnnotation(self.estimate(shot.image, ann),
+                                                                                    source=ann))
+            shots.append(shot)
+        return dataclasses.replace(episode, shots=tuple(shots))
+
+    @property
+    def spec(self) -> str:
+        """The step as text for reports (``grabcut``, or ``grabcut`` with its non-default settings)."""
+        changed = [f"{f.name}={getattr(self.config, f.name)}" for f in dataclasses.fields(self.config)
+                   if f.name != "method" and getattr(self.config, f.name) != f.default]
+        return self.config.method + (":" + ",".join(changed) if changed else "")
+
+
+def as_support_step(value: "str | WeakLabelConfig | None") -> SupportMaskStep | None:
+    """The pipeline's support stage from ``'grabcut'`` (the default estimator), ``'off'``/None (weak labels
+    used as they are) or a WeakLabelConfig."""
+    if value is None or value == "off":
+        return None
+    if value == "grabcut":
+        return SupportMaskStep()
+    if isinstance(value, WeakLabelConfig):
+        return None if value.method == "off" else SupportMaskStep(value)
+    raise FsdiffError(f"support_masks={value!r}: use 'grabcut' (estimate a mask from each box, scribble or "
+                      "clicks), 'off' (use the labels as they are) or a fsdiff.weaklabel.WeakLabelConfig.")
