@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fsdiff.api import Segmenter
 from fsdiff.demo import (
     EXAMPLES_DIR,
     GAP,
@@ -38,7 +39,7 @@ def manifest():
 def demo_run(tmp_path_factory):
     """One run of the default (prototype) method on the bundled cases."""
     out = tmp_path_factory.mktemp("demo")
-    return out, run_demo(out)
+    return out, run_demo(out, Segmenter("prototype"))
 
 
 # ----------------------------------------------------------------------------------------------------

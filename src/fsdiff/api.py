@@ -336,5 +336,5 @@ def demo(out: str | os.PathLike = "fsdiff-demo", *, method: str = DEFAULT_METHOD
     5 shots; returns one :class:`fsdiff.demo.DemoRecord` per case (IoU in percent)."""
     from fsdiff.demo import run_demo
 
-    seg = segmenter if segmenter is not None else Segmenter(method, encoder=encoder)
+    seg = Segmenter.from_method(segmenter) if segmenter is not None else Segmenter(method, encoder=encoder)
     return run_demo(out, seg, overwrite=overwrite)

@@ -236,22 +236,19 @@ def case_row(case: DemoCase, episode: Episode, pred: np.ndarray, iou: float) -> 
 # ----------------------------------------------------------------------------------------------------
 # running and reporting
 # ----------------------------------------------------------------------------------------------------
-def run_demo(out_dir: str | os.PathLike = "fsdiff-demo", segmenter=None, *,
-             examples_dir: str | os.PathLike = EXAMPLES_DIR, overwrite: bool = False) -> list[DemoRecord]:
-    """Segment every demo case; write predictions, ``demo.json`` and ``contact_sheet.png`` under ``out_dir``.
+def run_demo(out_dir: str | os.PathLike, seg, *, examples_dir: str | os.PathLike = EXAMPLES_DIR,
+             overwrite: bool = False) -> list[DemoRecord]:
+    """Segment every demo case with ``seg`` (an :class:`fsdiff.api.Segmenter`); write predictions, ``demo.json``
+    and ``contact_sheet.png`` under ``out_dir``.
 
-    ``segmenter``: an :class:`fsdiff.api.Segmenter` or any method object (default: ``prototype``). Every output
-    name is checked before any work (no file fsdiff did not write is replaced unless ``overwrite``).
-    Returns one record per case, IoU in percent.
+    Every output name is checked before any work (no file fsdiff did not write is replaced unless
+    ``overwrite``). Returns one record per case, IoU in percent.
     """
-    from fsdiff.api import Segmenter
-
     manifest = load_manifest(examples_dir)
     out = Path(out_dir)
     top = OutputFolder(out, [], extra=(DEMO_JSON, CONTACT_SHEET), overwrite=overwrite)
     for case in manifest.cases:  # refuse a conflicting file before anything runs
         OutputFolder(out / case.name, [case.query], overwrite=overwrite)
-    seg = Segmenter.from_method(segmenter) if segmenter is not None else Segmenter("prototype")
     records, rows = [], []
     for case in manifest.cases:
         episode = build_case_episode(manifest, case)

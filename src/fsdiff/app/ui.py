@@ -16,7 +16,7 @@ import gradio as gr
 from fsdiff.app import actions, jobs
 from fsdiff.app.annotations import BACKGROUND_HEX, OBJECT_HEX
 from fsdiff.app.models import DEFAULT_ENCODER, encoder_choices, method_choice, method_choices
-from fsdiff.app.server import CACHE_SWEEP, AppCore
+from fsdiff.app.core import CACHE_SWEEP, AppCore
 from fsdiff.app.uploads import IMAGE_SUFFIXES, discard_upload
 from fsdiff.errors import FsdiffError
 

@@ -120,7 +120,7 @@ register_method(MethodSpec(
     "fsdiff.methods.diffup.segmenter:build_diffup", needs_benchmark=True,
     trainer="fsdiff.methods.diffup.training:train_diffup", config="fsdiff.methods.diffup.training:cpu_config",
     model_options=(ModelOption("encoder", "frozen encoder the priors are computed with (default efficientnet-lite0)"),),
-    weights="fsdiff.methods.diffup.checkpoint:status",
+    weights="fsdiff.methods.diffup.shipped:status",
     train_defaults={"steps": "300", "batch_size": "8", "lr": "3e-4 (AdamW)", "input_size": "448"}))
 register_method(MethodSpec(
     "diffseg-prior", "training-free DiffSeg attention prior of Kandinsky 2.2 (needs the Kandinsky 2.2 weights)",

@@ -74,17 +74,3 @@ def load_diffup(
         )
     return config, uapf, uqdd, {"encoder": info.encoder or "", **info.provenance}
 
-
-def status():
-    """Whether DiffUp runs here: the shipped checkpoints (in the package) and the default encoder's weights."""
-    from fsdiff.methods import WeightsStatus, _encoder_status
-    from fsdiff.methods.diffup.shipped import ALL_CLASSES, shipped_root
-
-    try:
-        check_checkpoint(shipped_root() / ALL_CLASSES)
-    except FsdiffError as exc:
-        return WeightsStatus(False, f"the shipped checkpoints are missing or damaged ({exc}); reinstall fsdiff.")
-    enc = _encoder_status()
-    if not enc.ready:
-        return enc
-    return WeightsStatus(True, f"shipped checkpoints in {shipped_root()} (all classes + 4 COCO-20i folds)")

@@ -108,6 +108,21 @@ def export_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: tor
     return dst
 
 
+def status():
+    """Whether DiffUp runs here: the shipped checkpoints (in the package) and the default encoder's weights."""
+    from fsdiff.methods import WeightsStatus, _encoder_status
+    from fsdiff.methods.diffup.checkpoint import check_checkpoint
+
+    try:
+        check_checkpoint(shipped_root() / ALL_CLASSES)
+    except FsdiffError as exc:
+        return WeightsStatus(False, f"the shipped checkpoints are missing or damaged ({exc}); reinstall fsdiff.")
+    enc = _encoder_status()
+    if not enc.ready:
+        return enc
+    return WeightsStatus(True, f"shipped checkpoints in {shipped_root()} (all classes + 4 COCO-20i folds)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m fsdiff.methods.diffup.shipped SRC DST``: export SRC as a float16 checkpoint to DST."""
     args = sys.argv[1:] if argv is None else argv
