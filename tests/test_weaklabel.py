@@ -217,7 +217,8 @@ def test_bad_input_names_the_argument():
         estimate_mask(img, BoxAnnotation((1, 1, 20, 20)), config={"method": "grabcut"})
     for field, value in (("method", "snake"), ("iterations", 0), ("working_size", 8), ("seed_threshold", 1.0),
                          ("uncertain_band", 0.7), ("box_context", -0.5), ("max_upscale", 0.5),
-                         ("far_margin", -1.0), ("feature_levels", ())):
+                         ("far_margin", -1.0), ("feature_levels", ()), ("box_quantile", 0.0),
+                         ("box_features_min_area", 2.0)):
         with pytest.raises(FsdiffError, match=field):
             WeakLabelConfig(**{field: value})
 
