@@ -380,7 +380,8 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     wy0, wy1, wx0, wx1 = _window(annotation, (h, w), cfg.box_context)
     crop = image[wy0:wy1, wx0:wx1]
     ch, cw = crop.shape[:2]
-    scale = min(float(cfg.max_upscale), cfg.working_size / max(ch, cw))
+    upscale = float(cfg.max_upscale) if box_full is not None else 1.0  # only a small box gains from more pixels
+    scale = min(upscale, cfg.working_size / max(ch, cw))
     ws = (max(1, int(round(cw * scale))), max(1, int(round(ch * scale))))
     small = crop if ws == (cw, ch) else cv2.resize(
         crop, ws, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
