@@ -9,7 +9,8 @@ label's own foreground region), on every Weizmann horse and on a seeded sample o
 ``e2e``: the ``prototype`` method (default settings, efficientnet-lite0) on identical episodes, supports
 converted to each kind (:func:`fsdiff.synth.convert_supports`) and then left raw, estimated with each
 config, or given as the true mask; Weizmann horses (a folder source, HSNet-style sampling) or coco-mini's
-COCO-20i folds. Per-episode (horses) or per-class (coco) paired differences with a bootstrap interval.
+COCO-20i folds. Per-episode (horses) or per-class (coco) paired differences with a bootstrap interval;
+coco mIoU is the mean over the classes that got at least one episode.
 
     python benchmarks/weak_supports.py quality --dataset horse --configs off default --out runs/wq-horse.json
     python benchmarks/weak_supports.py quality --dataset coco --sample 400 --configs off default
@@ -237,7 +238,9 @@ def _per_class(iu: list, classes: list[int], class_ids: list[int]) -> dict[int, 
 
 
 def _miou(iu: list, classes: list[int], class_ids: list[int]) -> float:
-    return float(np.mean(list(_per_class(iu, classes, class_ids).values())))
+    """Mean foreground IoU over the classes that had at least one episode."""
+    seen = sorted(set(classes) & set(class_ids))
+    return float(np.mean([v for c, v in _per_class(iu, classes, class_ids).items() if c in seen]))
 
 
 def e2e_table(results: dict) -> str:
@@ -262,7 +265,7 @@ def e2e_table(results: dict) -> str:
                 for key, dest in ((name, units), (raw, units_raw), ("mask", units_mask)):
                     if key in v:
                         pc = _per_class(v[key], run["classes"], run["class_ids"])
-                        dest.extend(pc[c] for c in run["class_ids"])
+                        dest.extend(pc[c] for c in sorted(set(run["classes"])))
 
         def cmp(other):
             if not other or name == "mask":

@@ -53,7 +53,7 @@ def disc_scene() -> tuple[np.ndarray, np.ndarray]:
     return np.clip(img, 0, 255).astype(np.uint8), disc.astype(bool)
 
 
-def three_regions(middle: tuple[int, int, int] = (195, 50, 40)) -> np.ndarray:
+def three_regions(middle: tuple[int, int, int] = (193, 54, 40)) -> np.ndarray:
     """Red | ``middle`` | blue columns of 60 px with noise; the default middle is nearly the left's red."""
     img = noisy(120, 180)
     img[:, :60] += (200, 40, 40)
@@ -103,9 +103,9 @@ def test_background_stroke_is_used_as_evidence(cfg):
 def test_negative_click_is_used_as_evidence():
     cfg = WeakLabelConfig()
     img = three_regions()
-    pos = PointsAnnotation(np.array([[30.0, 60.0]]), np.array([1]))
+    pos = PointsAnnotation(np.array([[30.0, 60.0]]), np.array([1]), radius=10)
     assert thirds(estimate_mask(img, pos, cfg))[1] > 0.9  # alike in colour and texture: grown into the middle
-    both = PointsAnnotation(np.array([[30.0, 60.0], [90.0, 60.0]]), np.array([1, 0]))
+    both = PointsAnnotation(np.array([[30.0, 60.0], [90.0, 60.0]]), np.array([1, 0]), radius=10)
     left, mid, right = thirds(estimate_mask(img, both, cfg))
     assert left > 0.9 and mid < 0.05 and right < 0.05
 
@@ -217,7 +217,8 @@ def test_bad_input_names_the_argument():
         estimate_mask(img, BoxAnnotation((1, 1, 20, 20)), config={"method": "grabcut"})
     for field, value in (("method", "snake"), ("iterations", 0), ("working_size", 8), ("seed_threshold", 1.0),
                          ("uncertain_band", 0.7), ("box_context", -0.5), ("max_upscale", 0.5),
-                         ("far_margin", -1.0), ("feature_levels", ())):
+                         ("far_margin", -1.0), ("feature_levels", ()), ("box_quantile", 0.0),
+                         ("box_features_min_area", 2.0)):
         with pytest.raises(FsdiffError, match=field):
             WeakLabelConfig(**{field: value})
 

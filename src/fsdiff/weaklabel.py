@@ -4,25 +4,32 @@ A box support used as-is is a mask of the whole box, a scribble is its strokes a
 disks, so a method's foreground prototype mixes in the background inside the box and sees little of the
 object under a stroke. This step turns the weak label into a dense mask once, before any method runs:
 
-1. the image is shrunk to a working size (long side <= ``working_size``), so the time per support is
-   bounded whatever the photo's size;
-2. the label gives hard seeds: outside a box is background; foreground strokes / positive clicks are
-   object; background strokes / negative clicks are background (they are evidence, never ignored);
-3. an initial guess of the rest: inside the box (box), or a map of how similar each cell of the image is
-   to the seeded object cells against the seeded / far-away background cells, computed on frozen encoder
-   features (``features``; prototype + pixel-max cosine as in :mod:`fsdiff.methods.prototype`, PANet /
-   PFENet) and thresholded;
-4. GrabCut (Rother, Kolmogorov & Blake, "GrabCut", SIGGRAPH 2004: colour GMMs + graph cut, iterated)
-   from the seeds (hard) and the guess (probable), ``iterations`` rounds, with OpenCV's RNG seeded;
-5. the result is upsampled to the image's resolution, the label's hard constraints are re-imposed there,
-   and optionally a band of ``uncertain_band`` of the object's size around the estimated outline is set
-   to 255 (ignore) so a method's prototypes only pool confident pixels.
+1. the label gives hard seeds: outside a box is background; foreground strokes / positive clicks are
+   object; background strokes / negative clicks are background (evidence, never ignored);
+2. an initial guess of the rest from frozen encoder features (``features``), scored as the ``prototype``
+   method scores a query (prototype + pixel-max cosine, PANet / PFENet) but on the support image itself:
+   strokes / clicks: how alike each cell is to the seeded object cells against the most alike of the
+   background regions (the user's background seeds, and everything outside the seeds' bounding box grown
+   by ``far_margin`` of the image, ``points_far_margin`` for clicks); a box covering at least
+   ``box_features_min_area`` of the image: the box cells the outside explains worst (lowest
+   ``box_quantile`` of their background score) seed the object score, compared with the outside's score.
+   The guess is the map thresholded at ``seed_threshold`` (inside the box for a box); without features a
+   box guesses its inside and strokes / clicks a disk around themselves;
+3. GrabCut (Rother, Kolmogorov & Blake, "GrabCut", SIGGRAPH 2004: colour GMMs + graph cut, iterated) from
+   the seeds (hard) and the guess (probable), ``iterations`` rounds, OpenCV's RNG seeded. It runs on the
+   image shrunk to ``working_size`` (long side) — for a box, on the box grown by ``box_context`` of its size
+   on every side, enlarged at most ``max_upscale`` times when small — so the time per support is bounded
+   whatever the photo's size. Only the object components touching a foreground seed are kept
+   (``keep_seeded_components``);
+4. the result is upsampled to the image's resolution and the label's hard constraints are re-imposed there;
+   optionally a band of ``uncertain_band`` of the object's size around the outline becomes 255 (ignore).
 
-When GrabCut returns no object pixel, the label's own regions are used (documented fallback); so is the
-case where the working image is too small for GrabCut (a box under ``MIN_SIDE`` working pixels).
-``method="off"`` returns the label's own regions as a mask (box = its rectangle; strokes / click disks
-= 1, background strokes / negative clicks = 0, the rest 255 = unknown), so a pipeline can switch the step
-off. Settings and their measured effect: ``docs/bench/weak_supports.md``.
+When GrabCut cannot run or returns no object pixel (a box under ``MIN_SIDE`` working pixels, a box
+covering the whole image so there is no background sample, an empty result) the label's own regions are
+used instead (:func:`label_mask`). ``method="off"`` always returns the label's own regions, so a pipeline
+can switch the step off and a method sees exactly what it saw from the raw label. The defaults and their
+measured effect (support-mask IoU and ``prototype`` mIoU on Weizmann horses and coco-mini):
+``docs/bench/weak_supports.md``.
 """
 
 from __future__ import annotations
@@ -61,7 +68,8 @@ TEMPERATURE = 0.1
 
 @dataclass(frozen=True)
 class WeakLabelConfig:
-    """How a weak support label becomes a mask (``method="off"``: the label's own regions)."""
+    """How a weak support label becomes a mask (``method="off"``: the label's own regions); the fields are
+    described in the module docstring."""
 
     method: str = "grabcut"
     iterations: int = 5
@@ -69,7 +77,9 @@ class WeakLabelConfig:
     features: str | None = "efficientnet-lite0"
     feature_size: int = 473
     feature_levels: tuple[int, ...] = (1, 2)
-    box_features: bool = False
+    box_features: bool = True
+    box_quantile: float = 0.3
+    box_features_min_area: float = 0.05
     seed_threshold: float = 0.5
     far_margin: float = 0.1
     points_far_margin: float = 0.25
@@ -92,6 +102,11 @@ class WeakLabelConfig:
         for name in ("box_context", "far_margin", "points_far_margin"):
             if not float(getattr(self, name)) >= 0.0:
                 raise FsdiffError(f"{name}={getattr(self, name)!r} must be >= 0 (a fraction of the box / image size).")
+        if not 0.0 < float(self.box_quantile) < 1.0:
+            raise FsdiffError(f"box_quantile={self.box_quantile!r} must lie strictly between 0 and 1.")
+        if not 0.0 <= float(self.box_features_min_area) <= 1.0:
+            raise FsdiffError(f"box_features_min_area={self.box_features_min_area!r} must lie in [0, 1] "
+                              "(a fraction of the image).")
         if not float(self.max_upscale) >= 1.0:
             raise FsdiffError(f"max_upscale={self.max_upscale!r} must be >= 1 (1 = never enlarge a small box's window).")
         if self.features is not None and (not self.feature_levels or isinstance(self.feature_size, bool)
@@ -230,6 +245,53 @@ def similarity_map(
     return out.clamp(0, 1).numpy().astype(np.float32)
 
 
+def box_similarity_map(
+    image: np.ndarray,
+    box: np.ndarray,
+    out_shape: tuple[int, int],
+    *,
+    encoder: str = "efficientnet-lite0",
+    size: int = 473,
+    levels: tuple[int, ...] = (1, 2),
+    quantile: float = 0.3,
+    cache=None,
+) -> np.ndarray:
+    """P(object) per pixel of ``out_shape`` inside a box region: the box cells the outside explains worst
+    (background score ``s_out`` in the lowest ``quantile``) seed the object score; ``sigmoid((s_obj - s_out) / T)``
+    averaged over ``levels`` (scores as in :func:`similarity_map`)."""
+    from fsdiff.features import FeatureCache
+    from fsdiff.priors import masked_average_pooling, pixel_max_cosine, prototype_cosine, region_weights
+
+    enc = _encoder(encoder)
+    cache = cache if cache is not None else FeatureCache(max_bytes=64 * 1024**2)
+    feats = cache.features(enc, [image], size)[0]
+
+    def score(f: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
+        s = PROTO_WEIGHT * prototype_cosine(f, masked_average_pooling(f, wr))
+        return s + (1 - PROTO_WEIGHT) * pixel_max_cosine(f, f, wr)
+
+    probs = []
+    with torch.inference_mode():
+        for lv in levels:
+            f = feats[lv]
+            grid = tuple(f.shape[-2:])
+            w_in = region_weights(box.astype(np.float32), grid)
+            w_out = region_weights((~box).astype(np.float32), grid)
+            if float(w_out.sum()) <= 0 or float((w_in >= 0.5).sum()) < 2:
+                continue
+            s_out = score(f, w_out)
+            inside = w_in >= 0.5
+            cut = torch.quantile(s_out[inside], quantile)
+            seeds = (inside & (s_out <= cut)).float()
+            probs.append(torch.sigmoid((score(f, seeds) - s_out) / TEMPERATURE)[None, None])
+        if not probs:
+            return box.astype(np.float32) if tuple(box.shape) == tuple(out_shape) else np.ones(out_shape, np.float32)
+        fine = tuple(probs[0].shape[-2:])
+        acc = sum(F.interpolate(p, size=fine, mode="bilinear", align_corners=False) for p in probs) / len(probs)
+        out = F.interpolate(acc, size=tuple(out_shape), mode="bilinear", align_corners=False)[0, 0]
+    return out.clamp(0, 1).numpy().astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the estimator
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +380,8 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     wy0, wy1, wx0, wx1 = _window(annotation, (h, w), cfg.box_context)
     crop = image[wy0:wy1, wx0:wx1]
     ch, cw = crop.shape[:2]
-    scale = min(float(cfg.max_upscale), cfg.working_size / max(ch, cw))
+    upscale = float(cfg.max_upscale) if box_full is not None else 1.0  # only a small box gains from more pixels
+    scale = min(upscale, cfg.working_size / max(ch, cw))
     ws = (max(1, int(round(cw * scale))), max(1, int(round(ch * scale))))
     small = crop if ws == (cw, ch) else cv2.resize(
         crop, ws, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
@@ -335,9 +398,9 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
         if ys.max() - ys.min() + 1 < MIN_SIDE or xs.max() - xs.min() + 1 < MIN_SIDE or box.all():
             return None
         guess = box.copy()
-        if cfg.box_features and cfg.features:
-            prob = similarity_map(image, box_full, [~box_full], (h, w), encoder=cfg.features,
-                                  size=cfg.feature_size, levels=cfg.feature_levels, cache=cache)
+        if cfg.box_features and cfg.features and box_full.mean() >= cfg.box_features_min_area:
+            prob = box_similarity_map(image, box_full, (h, w), encoder=cfg.features, size=cfg.feature_size,
+                                      levels=cfg.feature_levels, quantile=cfg.box_quantile, cache=cache)
             guess = box & (_resize_float(prob[win], ws) >= cfg.seed_threshold)
             if not guess.any():
                 guess = box.copy()
