@@ -152,4 +152,6 @@ def load_module(info: CheckpointInfo, name: str, cls: Any, device: Any = "cpu") 
         raise FsdiffError(
             f"cannot load {name} of the {info.method} checkpoint {info.directory} ({first}); re-save or re-train it."
         ) from None
-    return module.to(device=device, dtype=torch.float32).eval()
+    if any(p.dtype != torch.float32 for p in module.parameters()):  # from_pretrained already gives float32
+        module = torch.nn.Module.to(module, dtype=torch.float32)
+    return module.to(device).eval()
