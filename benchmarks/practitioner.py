@@ -70,7 +70,8 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "episodes.jsonl", "a", encoding="utf-8")
+    done = {_key(r) for r in _load([out])} if (out / "episodes.jsonl").exists() else set()
+    log = open(out / "episodes.jsonl", "a", encoding="utf-8")  # a rerun resumes: finished episodes are skipped
     step, config = SupportMaskStep(memo=4096), RefineConfig()
     folds = [0] if args.dataset == "horse" else args.folds
     for fold in folds:
@@ -84,11 +85,16 @@ def run(args) -> None:
                 for seg in methods.values():  # each kind starts cold, as a separate `fsdiff eval` run would
                     seg.method.cache = FeatureCache()
                 for spec in specs:
+                    todo = {n: s for n, s in methods.items()
+                            if _key({"fold": fold, "shots": shots, "kind": kind, "method": n,
+                                     "episode": spec.episode_id}) not in done}
+                    if not todo:
+                        continue
                     episode = convert_supports(build_episode(source, spec, names.get(spec.class_id)), kind, 0)
                     t0 = time.process_time()
                     prepared = step(episode)
                     t_est = time.process_time() - t0
-                    for name, seg in methods.items():
+                    for name, seg in todo.items():
                         t0 = time.process_time()
                         probs = seg.predict_prepared(prepared)
                         t_pred = time.process_time() - t0
@@ -113,6 +119,10 @@ def run(args) -> None:
 # ----------------------------------------------------------------------------------------------------
 # tables
 # ----------------------------------------------------------------------------------------------------
+def _key(rec: dict) -> tuple:
+    return rec["fold"], rec["shots"], rec["kind"], rec["method"], rec["episode"]
+
+
 def _load(folders) -> list[dict]:
     recs = []
     for folder in folders:

@@ -49,6 +49,26 @@ def test_writes_a_unit_per_query_and_records_it(tmp_path):
     assert np.array_equal(mask_utils.decode(mask_utils.merge(rles)).astype(bool), _prob() > 0.5)
 
 
+def test_coco_output_holds_encoded_records_not_masks(tmp_path):
+    folder = OutputFolder(tmp_path / "o", ["a.jpg", "b.jpg"], formats=("coco",))
+    img = np.zeros((6, 8, 3), np.uint8)
+    folder.write(0, img, _prob(), 0.5)
+    folder.write(1, img, _prob() * 0.1, 0.5)
+
+    def arrays(x):
+        if isinstance(x, dict):
+            return sum(arrays(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(arrays(v) for v in x)
+        return int(isinstance(x, np.ndarray))
+
+    assert arrays(folder._coco) == 0  # memory does not grow with the queries' pixels
+    (path,) = folder.finish("thing")
+    expected = coco_document([("a.jpg", _prob() > 0.5, float(_prob()[_prob() > 0.5].mean())),
+                              ("b.jpg", np.zeros((6, 8), bool), 0.0)], "thing")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(expected))
+
+
 def test_refuses_a_users_file_and_allows_its_own(tmp_path):
     out = tmp_path / "work"
     out.mkdir()

@@ -139,6 +139,39 @@ def coco_polygons(mask: np.ndarray) -> list[list[float]]:
     return out
 
 
+def coco_item(name: str, mask: np.ndarray, score: float, segmentations: Sequence[str] = ("rle",)) -> dict:
+    """One query's compact COCO record: its image entry and, for a non-empty mask, the annotation fields
+    and one encoded segmentation per name in ``segmentations`` ('rle' and/or 'polygons'). Holding these
+    instead of the masks keeps an output folder's memory small however many queries it writes."""
+    bad = [s for s in segmentations if s not in ("rle", "polygons")]
+    if bad:
+        raise FsdiffError(f"segmentation={bad[0]!r}: use 'rle' or 'polygons'.")
+    h, w = mask.shape
+    item: dict = {"image": {"file_name": name, "width": int(w), "height": int(h)}, "ann": None, "seg": {}}
+    if mask.any():
+        ys, xs = np.nonzero(mask)
+        x0, y0 = int(xs.min()), int(ys.min())
+        item["ann"] = {"area": int(mask.sum()), "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                       "iscrowd": 0, "score": float(score)}
+        item["seg"] = {s: coco_rle(mask) if s == "rle" else coco_polygons(mask) for s in segmentations}
+    return item
+
+
+def coco_document_of(items: Sequence[dict], class_name: str, segmentation: str = "rle") -> dict:
+    """A COCO instances document of :func:`coco_item` records (one image each, one annotation per non-empty mask)."""
+    images, anns = [], []
+    for i, item in enumerate(items, start=1):
+        images.append({"id": i, **item["image"]})
+        if item["ann"] is None:
+            continue
+        if segmentation not in item["seg"]:
+            raise FsdiffError(f"segmentation={segmentation!r} was not encoded for {item['image']['file_name']}.")
+        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1,
+                     "segmentation": item["seg"][segmentation], **item["ann"]})
+    return {"info": {"description": "fsdiff predictions"}, "images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": class_name, "supercategory": "object"}]}
+
+
 def coco_document(items: Sequence[tuple[str, np.ndarray, float]], class_name: str, *,
                   segmentation: str = "rle") -> dict:
     """A COCO instances document: one image per (file name, binary mask, score), one annotation per non-empty
@@ -146,20 +179,8 @@ def coco_document(items: Sequence[tuple[str, np.ndarray, float]], class_name: st
     COCO import reads polygons only)."""
     if segmentation not in ("rle", "polygons"):
         raise FsdiffError(f"segmentation={segmentation!r}: use 'rle' or 'polygons'.")
-    images, anns = [], []
-    for i, (name, mask, score) in enumerate(items, start=1):
-        h, w = mask.shape
-        images.append({"id": i, "file_name": name, "width": int(w), "height": int(h)})
-        if not mask.any():
-            continue
-        ys, xs = np.nonzero(mask)
-        x0, y0 = int(xs.min()), int(ys.min())
-        seg = coco_rle(mask) if segmentation == "rle" else coco_polygons(mask)
-        anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "segmentation": seg,
-                     "area": int(mask.sum()), "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
-                     "iscrowd": 0, "score": float(score)})
-    return {"info": {"description": "fsdiff predictions"}, "images": images, "annotations": anns,
-            "categories": [{"id": 1, "name": class_name, "supercategory": "object"}]}
+    records = [coco_item(name, mask, score, (segmentation,)) for name, mask, score in items]
+    return coco_document_of(records, class_name, segmentation)
 
 
 class OutputFolder:
@@ -180,7 +201,7 @@ class OutputFolder:
         self.extra = tuple(extra) + tuple(COCO_FILES[f][0] for f in self.formats if f in COCO_FILES)
         self.stems = unique_stems(self.names)
         self._ours = self._recorded()
-        self._coco: list[tuple[str, np.ndarray, float]] = []
+        self._coco: list[dict] = []  # compact records (RLE / polygons), not masks
         self.done: list[str] = []
         if not overwrite:
             self._refuse_foreign()
@@ -241,7 +262,9 @@ class OutputFolder:
         if files.npz is not None:
             _write_npz(files.npz, prob, threshold)
         if any(f in COCO_FILES for f in self.formats):
-            self._coco.append((Path(self.names[index]).name, mask, float(prob[mask].mean()) if mask.any() else 0.0))
+            kinds = [COCO_FILES[f][1] for f in self.formats if f in COCO_FILES]
+            score = float(prob[mask].mean()) if mask.any() else 0.0
+            self._coco.append(coco_item(Path(self.names[index]).name, mask, score, kinds))
         done = files.paths()
         self._record({"query": self.names[index], "stem": stem, "state": "done", "files": [p.name for p in done],
                       "stats": {p.name: _stat(p) for p in done}})
@@ -262,7 +285,7 @@ class OutputFolder:
         written = []
         for fmt in (f for f in self.formats if f in COCO_FILES):
             name, kind = COCO_FILES[fmt]
-            doc = coco_document(self._coco, class_name, segmentation=kind)
+            doc = coco_document_of(self._coco, class_name, kind)
             written.append(self.write_file(name, lambda p, d=doc: write_text(p, dumps(d) + "\n")))
         return written
 

@@ -1,8 +1,8 @@
-"""Seeded annotation synthesis for DiffUp training and the weak-label benchmarks of every method (DiffUp Sec. IV setup;
-METHODS.md §4.2 "Annotation synthesis" and "Training", §5 "make annotation synthesis deterministic").
+"""Seeded annotation synthesis for DiffUp training and the weak-label benchmarks of every method (DiffUp, Chen et al.,
+arXiv 2407.16182, Sec. IV: training and testing on "all annotation types"), made deterministic by a seed.
 
-The paper trains on "all annotation types"; how boxes and scribbles are made from GT masks is the
-METHODS.md §4.2 reconstruction [R]:
+The paper trains on "all annotation types"; how boxes and scribbles are made from GT masks is not
+published, so this is fsdiff's own reconstruction:
 
 * box = the tight bounding box of the mask's class pixels (:meth:`BoxAnnotation.from_mask`);
 * scribble (PASCAL-Scribble style) = a random connected sub-path, drawn ``width`` = 5 px wide, of the
@@ -58,7 +58,7 @@ from fsdiff.episode import (
 from fsdiff.errors import FsdiffError
 
 SHOT_TYPES = ("mask", "box", "scribble")
-"""Spatial annotation types sampled per training shot (METHODS.md §4.2)."""
+"""Spatial annotation types sampled per training shot (DiffUp, arXiv 2407.16182, Sec. IV: every annotation type)."""
 
 
 # ----------------------------------------------------------------------------------------------------
