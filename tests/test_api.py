@@ -130,6 +130,33 @@ def test_queries_are_streamed_one_by_one(files):
     assert all(np.array_equal(r.prob, results[0].prob) for r in results)
 
 
+def test_augmenter_sees_the_estimated_masks_of_weak_supports(files):
+    """Pipeline order: the support step turns a box into a mask before DifFSS generates from it."""
+    d, img, mask, _ = files
+    seg = Segmenter("prototype")
+    seen = []
+
+    class Recorder:
+        spec = "recorder"
+
+        def augment(self, episode):
+            seen.extend(s.annotation for s in episode.shots)
+            return episode
+
+    seg.augmenter = Recorder()
+    seg.segment([load_shot(img, box=(14, 10, 50, 38))], [d / "q.png"])
+    (ann,) = seen
+    assert ann.kind == "mask"
+    est = ann.mask == 1
+    true = mask.astype(bool)
+    assert (est & true).sum() / (est | true).sum() > 0.8  # the red square, not the whole box
+    assert not est[:, :14].any() and not est[:10].any()  # nothing outside the box
+    seg.support_step = None  # off: the augmenter gets the box itself
+    seen.clear()
+    seg.segment([load_shot(img, box=(14, 10, 50, 38))], [d / "q.png"])
+    assert seen[0].kind == "box"
+
+
 def test_segment_writes_and_reports_files(files):
     d, img, mask, qimg = files
     res = segment([load_shot(img, mask=mask)], [d / "q.png", qimg], out=d / "out", formats=("png", "npz", "coco"))

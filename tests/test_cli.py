@@ -75,6 +75,11 @@ def test_segment_two_shots_mask_and_box(tmp_path, capsys):
         (lambda t: ["--support", _photo(t, "s.png"), "--box", "1,2,3", "--query", _photo(t, "q.png")], "four numbers"),
         (lambda t: ["--support", _photo(t, "s.png"), "--box", "0,0,100,10", "--query", _photo(t, "q.png")], "outside the 64x48 image"),
         (lambda t: ["--support", _photo(t, "s.png"), "--query", _photo(t, "q.png")], "no annotation"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--points", "100,10", "--query", _photo(t, "q.png")],
+         "point (100, 10) lies outside the 64x48 image; give pixel coordinates with 0 <= x < 64"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--points", "3,4,0", "--query", _photo(t, "q.png")], "no positive point"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--box", "5,5,5,20", "--query", _photo(t, "q.png")], "is empty; it needs x1 > x0"),
+        (lambda t: ["--support", _photo(t, "s.png"), "--scribble", _photo(t, "s.png"), "--query", _photo(t, "q.png")], "does not look like a scribble"),
         (lambda t: ["--support", _photo(t, "s.png"), "--mask", _mask(t, "m.png"), "--query", _photo(t, "q.png"), "--encoder", "resnet-9000"], "unknown encoder 'resnet-9000'"),
     ],
 )
@@ -299,6 +304,19 @@ def test_interrupted_segment_says_what_finished(tmp_path, capsys, monkeypatch):
     done = [json.loads(x) for x in (out / "fsdiff_outputs.jsonl").read_text().splitlines()]
     assert [e["stem"] for e in done if e["state"] == "done"] == ["q0", "q1"]
     assert not (out / "q2_mask.png").exists()
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    from fsdiff.api import Segmenter
+
+    def no_memory(self, episode):
+        raise MemoryError
+
+    monkeypatch.setattr(Segmenter, "predict_prepared", no_memory)
+    code, _, err = _run(["segment", "--support", _photo(tmp_path, "s.png"), "--mask", _mask(tmp_path, "m.png"),
+                         "--query", _photo(tmp_path, "q.png"), "--out", tmp_path / "out", "--no-progress"], capsys)
+    assert code == 2 and "out of memory in `fsdiff segment`" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("out/q*"))  # no prediction file, whole or partial
 
 
 def test_methods_lists_every_method_with_its_state(capsys):

@@ -498,6 +498,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fsdiff: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print(f"fsdiff: error: out of memory in `fsdiff {args.command}`. Use fewer or smaller images, fewer shots, "
+              "or (training) a smaller --batch-size; files already finished are kept.", file=sys.stderr)
+        return 2
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)

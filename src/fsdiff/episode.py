@@ -210,8 +210,11 @@ class PointsAnnotation(Annotation):
             raise FsdiffError(f"{source}: points must be (N, 2) x,y with N labels, got {pts.shape} and {lab.shape}.")
         if not np.any(lab == 1):
             raise FsdiffError(f"{source}: no positive point (label 1); click on the object at least once.")
-        if np.any(pts < 0) or np.any(pts[:, 0] >= w) or np.any(pts[:, 1] >= h):
-            raise FsdiffError(f"{source}: a point lies outside the {w}x{h} image.")
+        outside = (pts < 0).any(axis=1) | (pts[:, 0] >= w) | (pts[:, 1] >= h)
+        if outside.any():
+            x, y = pts[int(np.argmax(outside))]
+            raise FsdiffError(f"{source}: point ({x:g}, {y:g}) lies outside the {w}x{h} image; give pixel "
+                              f"coordinates with 0 <= x < {w} and 0 <= y < {h}.")
 
     def _disks(self, shape: tuple[int, int], label: int) -> np.ndarray:
         h, w = shape
