@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fsdiff.api import build_segmenter
+from fsdiff.api import Segmenter
 from fsdiff.demo import run_demo
 
 
@@ -26,7 +26,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    results = {m: run_demo(args.out / m, build_segmenter(m)) for m in args.methods}
+    results = {m: run_demo(args.out / m, Segmenter(m)) for m in args.methods}
     first = results[args.methods[0]]
     print("| case | annotation | shots | query | " + " | ".join(f"{m} IoU %" for m in args.methods) + " |")
     print("| --- | --- | ---: | --- | " + " | ".join("---:" for _ in args.methods) + " |")

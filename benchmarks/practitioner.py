@@ -10,7 +10,7 @@ unions and the times. ``table`` turns the lines into markdown tables with paired
 (over classes for coco-mini, over episodes for the one-class horses)::
 
     python benchmarks/practitioner.py run --dataset horse --shots 1 5 --episodes 120 --out runs/prac-horse
-    python benchmarks/practitioner.py run --dataset coco --folds 0 1 2 3 --shots 1 --episodes 300 --out runs/prac-coco
+    python benchmarks/practitioner.py run --dataset coco --folds 0 1 2 3 --shots 1 5 --episodes 200 --out runs/prac-coco
     python benchmarks/practitioner.py table runs/prac-horse runs/prac-coco
 """
 
@@ -142,13 +142,14 @@ def _unit_scores(recs: list[dict], field: str, per: str) -> dict:
     return {k: 100.0 * v[1] / max(v[3], 1) for k, v in sums.items()}
 
 
-def _paired(a: dict, b: dict, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of b - a over shared units with a seeded bootstrap 95% interval."""
+def _paired(a: dict, b: dict, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of b - a over shared units with the seeded bootstrap 95% interval of ``benchmarks/paired.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paired import paired_stats
+
     keys = sorted(set(a) & set(b))
-    d = np.asarray([b[k] - a[k] for k in keys])
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), (n_boot, len(d)))].mean(1)
-    return float(d.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+    st = paired_stats(np.array([a[k] for k in keys]), np.array([b[k] for k in keys]), seed=seed)
+    return st["diff"], st["low"], st["high"]
 
 
 def _fmt(t: tuple[float, float, float]) -> str:

@@ -195,6 +195,30 @@ def _encoder(name: str):
         return _ENCODERS[name]
 
 
+def _features(image: np.ndarray, encoder: str, size: int, cache) -> list[torch.Tensor]:
+    """The image's frozen-encoder feature levels (through ``cache``, or a small private one)."""
+    from fsdiff.features import FeatureCache
+
+    cache = cache if cache is not None else FeatureCache(max_bytes=64 * 1024**2)
+    return cache.features(_encoder(encoder), [image], size)[0]
+
+
+def _region_score(f: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``a cos(f(x), p_r) + (1 - a) max_{y in r} cos(f(x), f(y))`` for a region given as cell ``weights``."""
+    from fsdiff.priors import masked_average_pooling, pixel_max_cosine, prototype_cosine
+
+    s = PROTO_WEIGHT * prototype_cosine(f, masked_average_pooling(f, weights))
+    return s + (1 - PROTO_WEIGHT) * pixel_max_cosine(f, f, weights)
+
+
+def _average_levels(probs: list[torch.Tensor], out_shape: tuple[int, int]) -> np.ndarray:
+    """Mean of per-level (1, 1, h, w) maps at the finest level's size, resized to ``out_shape``."""
+    fine = tuple(probs[0].shape[-2:])
+    acc = sum(F.interpolate(p, size=fine, mode="bilinear", align_corners=False) for p in probs) / len(probs)
+    out = F.interpolate(acc, size=tuple(out_shape), mode="bilinear", align_corners=False)[0, 0]
+    return out.clamp(0, 1).numpy().astype(np.float32)
+
+
 def similarity_map(
     image: np.ndarray,
     fg: np.ndarray,
@@ -215,19 +239,13 @@ def similarity_map(
     one), and ``sigmoid((s_fg - s_bg) / T)`` is averaged over ``levels``. Without any background cell the
     background score is the image mean of ``s_fg``.
     """
-    from fsdiff.features import FeatureCache
-    from fsdiff.priors import masked_average_pooling, pixel_max_cosine, prototype_cosine, region_weights
+    from fsdiff.priors import region_weights
 
-    enc = _encoder(encoder)
-    cache = cache if cache is not None else FeatureCache(max_bytes=64 * 1024**2)
-    feats = cache.features(enc, [image], size)[0]
+    feats = _features(image, encoder, size, cache)
 
     def score(f: torch.Tensor, region: np.ndarray) -> torch.Tensor | None:
         wr = region_weights(region.astype(np.float32), tuple(f.shape[-2:]))
-        if float(wr.sum()) <= 0:
-            return None
-        s = PROTO_WEIGHT * prototype_cosine(f, masked_average_pooling(f, wr))
-        return s + (1 - PROTO_WEIGHT) * pixel_max_cosine(f, f, wr)
+        return None if float(wr.sum()) <= 0 else _region_score(f, wr)
 
     probs = []
     with torch.inference_mode():
@@ -239,10 +257,7 @@ def similarity_map(
             s_bg = [s for s in (score(f, r) for r in bg if r.any()) if s is not None]
             s_bg = torch.stack(s_bg).amax(0) if s_bg else s_fg.mean().expand_as(s_fg)
             probs.append(torch.sigmoid((s_fg - s_bg) / TEMPERATURE)[None, None])
-        fine = tuple(probs[0].shape[-2:])
-        acc = sum(F.interpolate(p, size=fine, mode="bilinear", align_corners=False) for p in probs) / len(probs)
-        out = F.interpolate(acc, size=tuple(out_shape), mode="bilinear", align_corners=False)[0, 0]
-    return out.clamp(0, 1).numpy().astype(np.float32)
+        return _average_levels(probs, out_shape)
 
 
 def box_similarity_map(
@@ -259,16 +274,10 @@ def box_similarity_map(
     """P(object) per pixel of ``out_shape`` inside a box region: the box cells the outside explains worst
     (background score ``s_out`` in the lowest ``quantile``) seed the object score; ``sigmoid((s_obj - s_out) / T)``
     averaged over ``levels`` (scores as in :func:`similarity_map`)."""
-    from fsdiff.features import FeatureCache
-    from fsdiff.priors import masked_average_pooling, pixel_max_cosine, prototype_cosine, region_weights
+    from fsdiff.priors import region_weights
 
-    enc = _encoder(encoder)
-    cache = cache if cache is not None else FeatureCache(max_bytes=64 * 1024**2)
-    feats = cache.features(enc, [image], size)[0]
-
-    def score(f: torch.Tensor, wr: torch.Tensor) -> torch.Tensor:
-        s = PROTO_WEIGHT * prototype_cosine(f, masked_average_pooling(f, wr))
-        return s + (1 - PROTO_WEIGHT) * pixel_max_cosine(f, f, wr)
+    feats = _features(image, encoder, size, cache)
+    score = _region_score
 
     probs = []
     with torch.inference_mode():
@@ -286,10 +295,7 @@ def box_similarity_map(
             probs.append(torch.sigmoid((score(f, seeds) - s_out) / TEMPERATURE)[None, None])
         if not probs:
             return box.astype(np.float32) if tuple(box.shape) == tuple(out_shape) else np.ones(out_shape, np.float32)
-        fine = tuple(probs[0].shape[-2:])
-        acc = sum(F.interpolate(p, size=fine, mode="bilinear", align_corners=False) for p in probs) / len(probs)
-        out = F.interpolate(acc, size=tuple(out_shape), mode="bilinear", align_corners=False)[0, 0]
-    return out.clamp(0, 1).numpy().astype(np.float32)
+        return _average_levels(probs, out_shape)
 
 
 # ----------------------------------------------------------------------------------------------------
