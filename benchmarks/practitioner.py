@@ -30,6 +30,9 @@ import numpy as np
 
 DATA = Path(os.environ.get("FSDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 KINDS = ("mask", "box", "scribble", "scribble-fgbg", "points")
+LABEL = ":label"
+"""Suffix of a kind run with ``--support-masks off``: the weak label used as it is (a box = its whole inside)."""
+ROWS = KINDS + tuple(k + LABEL for k in KINDS[1:])
 
 
 def _source(dataset: str, fold: int):
@@ -72,7 +75,11 @@ def run(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in _load([out])} if (out / "episodes.jsonl").exists() else set()
     log = open(out / "episodes.jsonl", "a", encoding="utf-8")  # a rerun resumes: finished episodes are skipped
-    step, config = SupportMaskStep(memo=4096), RefineConfig()
+    # off = no support step at all, exactly as Segmenter(support_masks='off') runs
+    step = SupportMaskStep(memo=4096) if args.support_masks == "grabcut" else None
+    config = RefineConfig()
+    suffix = LABEL if args.support_masks == "off" else ""
+    kinds = [k for k in args.kinds if not (suffix and k == "mask")]  # a mask is the same either way
     folds = [0] if args.dataset == "horse" else args.folds
     for fold in folds:
         source = _source(args.dataset, fold)
@@ -81,18 +88,18 @@ def run(args) -> None:
         methods = _methods(args.methods, args.dataset, fold)
         for shots in args.shots:
             specs = sample_episodes(source, "hsnet", args.episodes, shots, 0)
-            for kind in args.kinds:
+            for kind in kinds:
                 for seg in methods.values():  # each kind starts cold, as a separate `fsdiff eval` run would
                     seg.method.cache = FeatureCache()
                 for spec in specs:
                     todo = {n: s for n, s in methods.items()
-                            if _key({"fold": fold, "shots": shots, "kind": kind, "method": n,
+                            if _key({"fold": fold, "shots": shots, "kind": kind + suffix, "method": n,
                                      "episode": spec.episode_id}) not in done}
                     if not todo:
                         continue
                     episode = convert_supports(build_episode(source, spec, names.get(spec.class_id)), kind, 0)
                     t0 = time.process_time()
-                    prepared = step(episode)
+                    prepared = step(episode) if step is not None else episode
                     t_est = time.process_time() - t0
                     for name, seg in todo.items():
                         t0 = time.process_time()
@@ -102,7 +109,7 @@ def run(args) -> None:
                         refined = [refine(q.image, p, config) for q, p in zip(prepared.queries, probs)]
                         t_ref = time.process_time() - t0
                         thr = seg.threshold
-                        rec = {"dataset": args.dataset, "fold": fold, "shots": shots, "kind": kind, "method": name,
+                        rec = {"dataset": args.dataset, "fold": fold, "shots": shots, "kind": kind + suffix, "method": name,
                                "episode": spec.episode_id, "class": int(spec.class_id),
                                "raw": [_areas(p, q.gt, thr) for p, q in zip(probs, prepared.queries)],
                                "refined": [_areas(p, q.gt, thr) for p, q in zip(refined, prepared.queries)],
@@ -112,7 +119,8 @@ def run(args) -> None:
                 print(f"fold {fold} {shots}-shot {kind}: {len(specs)} episodes", file=sys.stderr, flush=True)
     meta = {"date": str(date.today()), "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s)",
-            "loadavg": os.getloadavg(), "args": vars(args), "refine": config.spec(), "support_masks": step.spec}
+            "loadavg": os.getloadavg(), "args": vars(args), "refine": config.spec(),
+            "support_masks": step.spec if step is not None else "off"}
     (out / f"meta-{int(time.time())}.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -165,7 +173,7 @@ def table(folders) -> str:
         sel = [r for r in recs if r["dataset"] == dataset and r["shots"] == shots]
         per = "episode" if dataset == "horse" else "class"
         methods = sorted({r["method"] for r in sel})
-        kinds = [k for k in KINDS if any(r["kind"] == k for r in sel)]
+        kinds = [k for k in ROWS if any(r["kind"] == k for r in sel)]
         folds = sorted({r["fold"] for r in sel})
         n_ep = len({(r["fold"], r["episode"]) for r in sel})
         lines += [f"### {dataset}, {shots}-shot ({n_ep} episodes, folds {folds}; paired over {per}s)", ""]
@@ -187,6 +195,10 @@ def table(folders) -> str:
                 lines.append(f"| {m} | {k} | {mean['refined']:.2f} | {mean['raw']:.2f} | {_fmt(gain)} | {vs} | "
                              f"{tp:.3f} | {tr / tp:.2f} | {te:.3f} |")
         lines.append("")
+        for m in methods:
+            for k in (k for k in KINDS if k + LABEL in kinds and k in kinds):
+                d = _paired(scores[m, k + LABEL]["refined"], scores[m, k]["refined"])
+                lines.append(f"- {m}, {k}: estimated support mask vs the label as it is: {_fmt(d)}")
         if "scribble" in kinds and "scribble-fgbg" in kinds:
             for m in methods:
                 d = _paired(scores[m, "scribble"]["refined"], scores[m, "scribble-fgbg"]["refined"])
@@ -212,6 +224,8 @@ def main() -> int:
     r.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     r.add_argument("--episodes", type=int, default=120)
     r.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    r.add_argument("--support-masks", default="grabcut", choices=["grabcut", "off"],
+                   help="off: use each weak label as it is (rows KIND:label)")
     r.add_argument("--methods", nargs="+", default=["prototype", "diffup"])
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--out", required=True)
