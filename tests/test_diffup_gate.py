@@ -207,3 +207,15 @@ def test_kshot_threshold(checkpoint, source, monkeypatch):  # noqa: F811
     assert DiffUpSegmenter(checkpoint, prior_gate=0.2, prior_gate_kshot=False).prior_gate_kshot is None
     with pytest.raises(FsdiffError, match="prior_gate_kshot"):
         DiffUpSegmenter(checkpoint, prior_gate_kshot=3)
+
+
+def test_one_feature_cache_for_the_decoder_and_the_prior_check(checkpoint, source):  # noqa: F811
+    from fsdiff.features import FeatureCache
+
+    seg = DiffUpSegmenter(checkpoint, steps=2)
+    assert seg.prior.cache is seg.cache
+    fresh = FeatureCache()
+    seg.cache = fresh  # e.g. a benchmark starting each setting cold
+    assert seg.cache is fresh and seg.prior.cache is fresh
+    seg.predict(episode(source))
+    assert len(fresh) > 0  # the features went to the new cache, none to the old one

@@ -235,6 +235,17 @@ class DiffUpSegmenter:
                                         proto_weight=cfg.contrast_proto_weight, cache=self.cache)
 
     @property
+    def cache(self) -> FeatureCache:
+        """The feature cache, shared by the decoder's priors and the prior check."""
+        return self._cache
+
+    @cache.setter
+    def cache(self, value: FeatureCache) -> None:
+        self._cache = value
+        if getattr(self, "prior", None) is not None:
+            self.prior.cache = value  # one cache: replacing it must not leave the prior check on the old one
+
+    @property
     def prior_size(self) -> int:
         """Side of the BAFT prior maps at the inference input size."""
         return self.input_size // int(self.config.prior_stride)
