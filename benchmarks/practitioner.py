@@ -164,52 +164,62 @@ def _fmt(t: tuple[float, float, float]) -> str:
     return f"{t[0]:+.2f} ({t[1]:+.2f} .. {t[2]:+.2f})"
 
 
+def _group(recs: list[dict]) -> dict:
+    """{(method, kind): {(fold, episode): record}} of one (dataset, shots) group."""
+    out: dict = defaultdict(dict)
+    for r in recs:
+        out[r["method"], r["kind"]][r["fold"], r["episode"]] = r
+    return out
+
+
+def _compare(g: dict, a: tuple, b: tuple, per: str, field: str = "refined") -> tuple[float, float, float]:
+    """Paired b - a over the units of the episodes both settings ran (identical episodes only)."""
+    common = sorted(set(g[a]) & set(g[b]))
+    sa = _unit_scores([g[a][e] for e in common], field, per)
+    sb = _unit_scores([g[b][e] for e in common], field, per)
+    return _paired(sa, sb)
+
+
+def _miou(rows: list[dict], field: str, per: str) -> float:
+    return float(np.mean(list(_unit_scores(rows, field, "class" if per == "class" else "episode").values())))
+
+
 def table(folders) -> str:
     """Markdown tables: mIoU per method x kind (raw / refined), paired differences, time ratios."""
     recs = _load(folders)
     lines = []
-    groups = sorted({(r["dataset"], r["shots"]) for r in recs})
-    for dataset, shots in groups:
+    for dataset, shots in sorted({(r["dataset"], r["shots"]) for r in recs}):
         sel = [r for r in recs if r["dataset"] == dataset and r["shots"] == shots]
         per = "episode" if dataset == "horse" else "class"
-        methods = sorted({r["method"] for r in sel})
-        kinds = [k for k in ROWS if any(r["kind"] == k for r in sel)]
-        folds = sorted({r["fold"] for r in sel})
-        n_ep = len({(r["fold"], r["episode"]) for r in sel})
-        lines += [f"### {dataset}, {shots}-shot ({n_ep} episodes, folds {folds}; paired over {per}s)", ""]
-        lines += ["| method | support | mIoU refined | mIoU raw | refine gain | vs mask (refined) | "
-                  "predict s/ep | refine / predict | estimate s/ep |", "|---|---|---|---|---|---|---|---|---|"]
-        scores = {}
+        g = _group(sel)
+        methods = sorted({m for m, _ in g})
+        kinds = [k for k in ROWS if any(k == kk for _, kk in g)]
+        lines += [f"### {dataset}, {shots}-shot (folds {sorted({r['fold'] for r in sel})}; paired over {per}s "
+                  "of identical episodes)", ""]
+        lines += ["| method | support | episodes | mIoU refined | mIoU raw | refine gain | vs mask (refined) | "
+                  "predict s/ep | refine / predict | estimate s/ep |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             for k in kinds:
-                rs = [r for r in sel if r["method"] == m and r["kind"] == k]
-                scores[m, k] = {f: _unit_scores(rs, f, per) for f in ("raw", "refined")}
-                mean = {f: float(np.mean(list(_unit_scores(rs, f, "class").values()))) if per == "class"
-                        else float(np.mean(list(scores[m, k][f].values()))) for f in ("raw", "refined")}
-                gain = _paired(scores[m, k]["raw"], scores[m, k]["refined"])
-                vs = _fmt(_paired(scores[m, "mask"]["refined"], scores[m, k]["refined"])) \
-                    if k != "mask" and (m, "mask") in scores else ""
-                tp = float(np.mean([r["t_predict"] for r in rs]))
-                tr = float(np.mean([r["t_refine"] for r in rs]))
-                te = float(np.mean([r["t_estimate"] for r in rs]))
-                lines.append(f"| {m} | {k} | {mean['refined']:.2f} | {mean['raw']:.2f} | {_fmt(gain)} | {vs} | "
-                             f"{tp:.3f} | {tr / tp:.2f} | {te:.3f} |")
+                rs = list(g[m, k].values())
+                gain = _paired(_unit_scores(rs, "raw", per), _unit_scores(rs, "refined", per))
+                vs = _fmt(_compare(g, (m, "mask"), (m, k), per)) if k != "mask" and (m, "mask") in g else ""
+                tp, tr, te = (float(np.mean([r[f] for r in rs])) for f in ("t_predict", "t_refine", "t_estimate"))
+                lines.append(f"| {m} | {k} | {len(rs)} | {_miou(rs, 'refined', per):.2f} | {_miou(rs, 'raw', per):.2f} "
+                             f"| {_fmt(gain)} | {vs} | {tp:.3f} | {tr / tp:.2f} | {te:.3f} |")
         lines.append("")
         for m in methods:
             for k in (k for k in KINDS if k + LABEL in kinds and k in kinds):
-                d = _paired(scores[m, k + LABEL]["refined"], scores[m, k]["refined"])
-                lines.append(f"- {m}, {k}: estimated support mask vs the label as it is: {_fmt(d)}")
-        if "scribble" in kinds and "scribble-fgbg" in kinds:
-            for m in methods:
-                d = _paired(scores[m, "scribble"]["refined"], scores[m, "scribble-fgbg"]["refined"])
-                lines.append(f"- {m}: background strokes vs foreground-only strokes: {_fmt(d)}")
+                lines.append(f"- {m}, {k}: estimated support mask vs the label as it is: "
+                             f"{_fmt(_compare(g, (m, k + LABEL), (m, k), per))}")
+            if "scribble" in kinds and "scribble-fgbg" in kinds:
+                lines.append(f"- {m}: background strokes vs foreground-only strokes: "
+                             f"{_fmt(_compare(g, (m, 'scribble'), (m, 'scribble-fgbg'), per))}")
         if {"prototype", "diffup"} <= set(methods):
             for k in kinds:
-                d = _paired(scores["prototype", k]["refined"], scores["diffup", k]["refined"])
-                rp = [r for r in sel if r["kind"] == k]
-                t = {m: sum(r["t_predict"] + r["t_refine"] for r in rp if r["method"] == m) for m in methods}
-                lines.append(f"- {k}: diffup - prototype {_fmt(d)}; time ratio diffup / prototype "
-                             f"{t['diffup'] / t['prototype']:.2f}x")
+                common = sorted(set(g["prototype", k]) & set(g["diffup", k]))
+                t = {m: sum(g[m, k][e]["t_predict"] + g[m, k][e]["t_refine"] for e in common) for m in methods}
+                lines.append(f"- {k}: diffup - prototype {_fmt(_compare(g, ('prototype', k), ('diffup', k), per))}; "
+                             f"time ratio diffup / prototype {t['diffup'] / t['prototype']:.2f}x")
         lines.append("")
     return "\n".join(lines)
 
