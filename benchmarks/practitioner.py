@@ -194,8 +194,8 @@ def table(folders) -> str:
         g = _group(sel)
         methods = sorted({m for m, _ in g})
         kinds = [k for k in ROWS if any(k == kk for _, kk in g)]
-        lines += [f"### {dataset}, {shots}-shot (folds {sorted({r['fold'] for r in sel})}; paired over {per}s "
-                  "of identical episodes)", ""]
+        lines += [f"### {dataset}, {shots}-shot (folds {sorted({r['fold'] for r in sel})}; identical episodes, "
+                  f"paired per {per})", ""]
         lines += ["| method | support | episodes | mIoU refined | mIoU raw | refine gain | vs mask (refined) | "
                   "predict s/ep | refine / predict | estimate s/ep |", "|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
