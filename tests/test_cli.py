@@ -384,9 +384,10 @@ def test_refinement_is_on_by_default_recorded_and_switchable(tmp_path, capsys):
 def test_weak_supports_are_estimated_and_the_estimate_is_written(tmp_path, capsys):
     s, q = _photo(tmp_path, "s.png"), _photo(tmp_path, "q.png", seed=1)
     out = tmp_path / "out"
-    code, _, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", out,
-                         "--no-progress"], capsys)
+    code, stdout, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", out,
+                              "--no-progress"], capsys)
     assert code == 0, err
+    assert f"estimated from the weak labels: {out / 'support1_s_estimate.png'}" in stdout
     est = np.asarray(Image.open(out / "support1_s_estimate.png"))
     truth = np.asarray(Image.open(_mask(tmp_path, "m.png"))) == 255
     assert set(np.unique(est)) <= {0, 128, 255}
@@ -394,7 +395,7 @@ def test_weak_supports_are_estimated_and_the_estimate_is_written(tmp_path, capsy
     assert inter / union > 0.8  # the red square inside the loose box is recovered
     assert not est[:, :8].any() and not est[42:].any()  # nothing outside the box is object
     off = tmp_path / "off"
-    code, _, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", off,
-                         "--support-masks", "off", "--no-progress"], capsys)
+    code, stdout, err = _run(["segment", "--support", s, "--box", "10,8,54,40", "--query", q, "--out", off,
+                              "--support-masks", "off", "--no-progress"], capsys)
     assert code == 0, err
-    assert not list(off.glob("*_estimate.png"))
+    assert not list(off.glob("*_estimate.png")) and "estimated" not in stdout

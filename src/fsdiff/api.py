@@ -184,7 +184,7 @@ class Segmenter(Pipeline):
         if not items:
             raise FsdiffError("queries: no query image given; pass at least one.")
         names = [_query_name(q, i) for i, q in enumerate(items)]
-        estimates = _estimate_names(shots) if self.support_step is not None else {}
+        estimates = estimate_file_names(shots) if self.support_step is not None else {}
         folder = OutputFolder(out, names, formats=formats, overlay=overlay, overwrite=overwrite,
                               extra=tuple(estimates.values())) if out is not None else None
         first = _as_query(items[0], names[0])
@@ -209,8 +209,8 @@ class Segmenter(Pipeline):
         return list(self.iter_segment(shots, queries, **kwargs))
 
 
-def _estimate_names(shots: Sequence[Shot]) -> dict[int, str]:
-    """Output names of the estimated masks: ``support<i>_<stem>_estimate.png`` per weak-label support."""
+def estimate_file_names(shots: Sequence[Shot]) -> dict[int, str]:
+    """Output names of the estimated masks: ``support<i>_<stem>_estimate.png`` per weak-label support (by index)."""
     from fsdiff.output import unique_stems
 
     weak = [i for i, s in enumerate(shots) if s.annotation.kind in ("box", "scribble", "points")]

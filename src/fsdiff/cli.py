@@ -356,6 +356,13 @@ def _cmd_segment(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     print(f"wrote {len(done)} predictions under {args.out}/")
+    if seg.support_step is not None:
+        from fsdiff.api import estimate_file_names
+
+        est = [str(Path(args.out) / n) for n in estimate_file_names(shots).values()]
+        if est:
+            print(f"the support masks the method used, estimated from the weak labels: {', '.join(est)} "
+                  "(--support-masks off to use the labels as they are)")
     return 0
 
 
