@@ -355,7 +355,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
               f"are complete and listed in {Path(args.out) / 'fsdiff_outputs.jsonl'}. Run again to finish.",
               file=sys.stderr)
         return 130
-    print(f"wrote {len(done)} predictions under {args.out}/")
+    print(f"wrote {len(done)} prediction{'' if len(done) == 1 else 's'} under {args.out}/")
     if seg.support_step is not None:
         from fsdiff.api import estimate_file_names
 
