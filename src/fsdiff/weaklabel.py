@@ -381,6 +381,8 @@ def _window(annotation: Annotation, shape: tuple[int, int], context: float) -> t
 
 def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, seed: int, cache) -> np.ndarray | None:
     """GrabCut at the working size; the object (bool, full resolution, constraints held) or None to fall back."""
+    from fsdiff.features import resize_image
+
     h, w = image.shape[:2]
     fg_full, bg_full, box_full = label_seeds(annotation, (h, w))
     wy0, wy1, wx0, wx1 = _window(annotation, (h, w), cfg.box_context)
@@ -389,8 +391,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     upscale = float(cfg.max_upscale) if box_full is not None else 1.0  # only a small box gains from more pixels
     scale = min(upscale, cfg.working_size / max(ch, cw))
     ws = (max(1, int(round(cw * scale))), max(1, int(round(ch * scale))))
-    small = crop if ws == (cw, ch) else cv2.resize(
-        crop, ws, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    small = resize_image(crop, ws[::-1])
     win = (slice(wy0, wy1), slice(wx0, wx1))
     fg = _resize_bool(fg_full[win], ws, any_cover=True)
     bg = _resize_bool(bg_full[win], ws, any_cover=False)
@@ -407,7 +408,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
         if cfg.box_features and cfg.features and box_full.mean() >= cfg.box_features_min_area:
             prob = box_similarity_map(image, box_full, (h, w), encoder=cfg.features, size=cfg.feature_size,
                                       levels=cfg.feature_levels, quantile=cfg.box_quantile, cache=cache)
-            guess = box & (_resize_float(prob[win], ws) >= cfg.seed_threshold)
+            guess = box & (resize_image(prob[win], ws[::-1]) >= cfg.seed_threshold)
             if not guess.any():
                 guess = box.copy()
         gc[box] = cv2.GC_PR_BGD
@@ -445,7 +446,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     if not obj.any():
         return None
     full = np.zeros((h, w), bool)
-    full[win] = obj if ws == (cw, ch) else _resize_float(obj.astype(np.float32), (cw, ch)) >= 0.5
+    full[win] = obj if ws == (cw, ch) else resize_image(obj.astype(np.float32), (ch, cw)) >= 0.5
     if box_full is not None:
         full &= box_full
     full |= fg_full
@@ -453,14 +454,6 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     if not full.any():
         return None
     return full
-
-
-def _resize_float(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A float map resized to (W, H) ``size``: area averaging when shrinking, bilinear when enlarging."""
-    if a.shape[::-1] == tuple(size):
-        return a
-    shrink = size[0] * size[1] < a.shape[0] * a.shape[1]
-    return cv2.resize(a.astype(np.float32), size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _finish(obj: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig) -> np.ndarray:

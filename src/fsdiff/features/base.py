@@ -41,7 +41,7 @@ def as_size(size: int | Sequence[int], what: str = "size") -> tuple[int, int]:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize an RGB uint8 image to (H, W): area filter when shrinking, bilinear when enlarging."""
+    """Resize an image or a float map to (H, W): area filter when shrinking, bilinear when enlarging."""
     h, w = size
     if image.shape[:2] == (h, w):
         return image
