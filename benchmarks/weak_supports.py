@@ -12,10 +12,19 @@ config, or given as the true mask; Weizmann horses (a folder source, HSNet-style
 COCO-20i folds. Per-episode (horses) or per-class (coco) paired differences with a bootstrap interval;
 coco mIoU is the mean over the classes that got at least one episode.
 
+``oracle``: which estimation errors cost mIoU. The same episodes and method, with the default estimate and
+edits of it: its missed object pixels or its false object pixels set to ignore using the true mask, or
+label-only edits (the box's non-object pixels, a ring around the estimate, an inner band of it) ignored.
+
     python benchmarks/weak_supports.py quality --dataset horse --configs off default --out runs/wq-horse.json
     python benchmarks/weak_supports.py quality --dataset coco --sample 400 --configs off default
     python benchmarks/weak_supports.py e2e --dataset horse --shots 1 --episodes 120 --configs off default
     python benchmarks/weak_supports.py e2e --dataset coco --folds 0 1 2 3 --shots 1 --episodes 250
+    python benchmarks/weak_supports.py e2e --dataset coco --episode-seed 7 --episodes 100 --configs default far_margin=0.1
+    python benchmarks/weak_supports.py oracle --dataset coco --episode-seed 7 --episodes 100 --kinds box scribble
+
+Settings are compared on a development draw (``--sample-seed 1``, ``--episode-seed 7``); reports use the
+seed-0 draw. ``table --out A.json B.json`` joins the folds of runs split over processes.
 
 A config is ``off``, ``default`` or ``key=value,key=value`` of :class:`fsdiff.weaklabel.WeakLabelConfig`
 (values in JSON, e.g. ``features=null,iterations=3``).
@@ -111,12 +120,22 @@ def iou(pred: np.ndarray, gt: np.ndarray) -> float:
     return float((p & t).sum()) / union if union else 1.0
 
 
+def precision_recall(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    """(share of the predicted object pixels that are object, share of the object pixels predicted);
+    255 pixels not scored, an empty side counts 1."""
+    valid = gt != 255
+    p, t = pred & valid, (gt == 1) & valid
+    hit = float((p & t).sum())
+    return (hit / p.sum() if p.any() else 1.0), (hit / t.sum() if t.any() else 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # quality
 # ----------------------------------------------------------------------------------------------------
 def run_quality(args) -> dict:
     """Support-mask IoU per (config, kind) and CPU time per support."""
-    items = horse_items() if args.dataset == "horse" else coco_items(args.sample)
+    items = horse_items() if args.dataset == "horse" else coco_items(args.sample, args.sample_seed)
+    items = items[:: args.stride]
     cache = FeatureCache(max_bytes=512 * 1024**2)
     anns = {k: [synthesize_annotation(m, k, episode_rng(args.seed, "weak-quality", key)) for key, _, m in items]
             for k in args.kinds}
@@ -125,17 +144,22 @@ def run_quality(args) -> dict:
     for spec in args.configs:
         cfg = parse_config(spec)
         for kind in args.kinds:
-            ious, unc, cpu = [], [], []
+            ious, prec, rec, unc, cpu = [], [], [], [], []
             for (key, image, mask), ann in zip(items, anns[kind]):
                 t0 = time.process_time()
                 est = estimate_mask(image, ann, cfg, seed=0, cache=cache)
                 cpu.append(time.process_time() - t0)
                 ious.append(iou(est == 1, mask))
+                p, r = precision_recall(est == 1, mask)
+                prec.append(p)
+                rec.append(r)
                 unc.append(float((est == 255).mean()))
             row = {"config": spec, "kind": kind, "miou": float(np.mean(ious)), "ious": ious,
+                   "precision": float(np.mean(prec)), "recall": float(np.mean(rec)),
                    "uncertain": float(np.mean(unc)), "cpu_s": float(np.mean(cpu)), "cpu_s_max": float(np.max(cpu))}
             results["rows"].append(row)
-            print(f"{args.dataset} {kind:14s} {spec:40s} IoU {100 * row['miou']:5.1f}  ignore {row['uncertain']:.2f}  "
+            print(f"{args.dataset} {kind:14s} {spec:40s} IoU {100 * row['miou']:5.1f}  "
+                  f"P {100 * row['precision']:5.1f}  R {100 * row['recall']:5.1f}  ignore {row['uncertain']:.2f}  "
                   f"cpu {row['cpu_s']:.3f} s (max {row['cpu_s_max']:.2f})", flush=True)
     return results
 
@@ -178,7 +202,7 @@ def _episodes(args, fold):
 
         source = open_source("coco", DATA / "coco-mini", fold=fold)
         source.classes = [(c, n) for c, n in source.classes if len(source.images_of_class(c)) > args.shots]
-    specs = sample_episodes(source, "hsnet", args.episodes, args.shots, 0)
+    specs = sample_episodes(source, "hsnet", args.episodes, args.shots, args.episode_seed)
     names = dict(source.classes)
     return [build_episode(source, s, names.get(s.class_id)) for s in specs], source.class_ids()
 
@@ -228,6 +252,75 @@ def run_e2e(args) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------------------------------
+# oracle: which estimation errors cost mIoU
+# ----------------------------------------------------------------------------------------------------
+def _ignored(est: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """``est`` with ``where`` set to ignore (255); unchanged if that would leave no object pixel."""
+    out = est.copy()
+    out[where] = 255
+    return out if (out == 1).any() else est
+
+
+def _inner_band(est: np.ndarray, frac: float = 0.05) -> np.ndarray:
+    """The estimate's object pixels within ``frac`` * sqrt(object area) of its outline."""
+    obj = (est == 1).astype(np.uint8)
+    r = max(1, round(frac * float(np.sqrt(obj.sum()))))
+    core = cv2.erode(obj, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))) > 0
+    return (est == 1) & ~core
+
+
+def oracle_masks(est: np.ndarray, truth: np.ndarray, label) -> dict[str, np.ndarray]:
+    """The estimate and edits of it: its errors set to ignore using the true mask (``missed-ignored``,
+    ``false-ignored``), or label-only edits a method could make (``box-inside-ignored``: the box's
+    non-object pixels; ``ring-ignored``: 15 px around the object; ``inner-band-ignored``)."""
+    from fsdiff.weaklabel import label_seeds
+
+    obj, t = est == 1, truth == 1
+    out = {"estimate": est, "missed-ignored": _ignored(est, ~obj & t),
+           "false-ignored": _ignored(est, obj & (truth == 0)), "inner-band-ignored": _ignored(est, _inner_band(est))}
+    box = label_seeds(label, est.shape)[2]
+    if box is not None:
+        out["box-inside-ignored"] = _ignored(est, ~obj & box)
+    else:
+        ring = cv2.dilate(obj.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (31, 31))) > 0
+        out["ring-ignored"] = _ignored(est, ring & (est == 0))
+    return out
+
+
+def run_oracle(args) -> dict:
+    """Prototype mIoU with the default estimate and the :func:`oracle_masks` edits of it, identical episodes."""
+    import dataclasses
+
+    from fsdiff.episode import MaskAnnotation
+    from fsdiff.methods.prototype import PrototypeSegmenter
+
+    seg = PrototypeSegmenter("efficientnet-lite0")
+    cache, cfg = FeatureCache(max_bytes=256 * 1024**2), WeakLabelConfig()
+    results: dict = {"machine": machine(), "dataset": args.dataset, "shots": args.shots, "runs": []}
+    for fold in (args.folds if args.dataset == "coco" else [None]):
+        episodes, class_ids = _episodes(args, fold)
+        run = {"fold": fold, "class_ids": class_ids, "episodes": [e.episode_id for e in episodes],
+               "classes": [int(e.class_id) for e in episodes], "variants": {}, "est_cpu_s": {}}
+        for ep in episodes:
+            sets: dict[str, list] = {"mask": [s.annotation.mask for s in ep.shots]}
+            for kind in args.kinds:
+                weak = convert_supports(ep, kind, seed=0)
+                for shot, ws in zip(ep.shots, weak.shots):
+                    est = estimate_mask(shot.image, ws.annotation, cfg, seed=0, cache=cache)
+                    for name, m in oracle_masks(est, shot.annotation.mask, ws.annotation).items():
+                        sets.setdefault(f"{kind}|{name}", []).append(m)
+            for name, masks in sets.items():
+                shots = tuple(dataclasses.replace(s, annotation=MaskAnnotation(m)) for s, m in zip(ep.shots, masks))
+                run["variants"].setdefault(name, []).append(_score(seg, dataclasses.replace(ep, shots=shots)))
+        for name, iu in run["variants"].items():
+            run["est_cpu_s"][name] = 0.0
+            print(f"{args.dataset} fold {fold} {args.shots}-shot {name:40s} mIoU {_miou(iu, run['classes'], class_ids):5.1f}",
+                  flush=True)
+        results["runs"].append(run)
+    return results
+
+
 def _per_class(iu: list, classes: list[int], class_ids: list[int]) -> dict[int, float]:
     inter, union = {c: 0 for c in class_ids}, {c: 0 for c in class_ids}
     for pairs, c in zip(iu, classes):
@@ -243,68 +336,87 @@ def _miou(iu: list, classes: list[int], class_ids: list[int]) -> float:
     return float(np.mean([v for c, v in _per_class(iu, classes, class_ids).items() if c in seen]))
 
 
+def _units(results: dict, name: str) -> list[float]:
+    """Per-episode (horses) or per-class (coco) IoU of variant ``name`` over every run, in a fixed order."""
+    out: list[float] = []
+    for run in results["runs"]:
+        v = run["variants"].get(name)
+        if v is None:
+            return []
+        if results["dataset"] == "horse":
+            out.extend(100.0 * sum(i for i, _ in p) / max(sum(u for _, u in p), 1) for p in v)
+        else:
+            pc = _per_class(v, run["classes"], run["class_ids"])
+            out.extend(pc[c] for c in sorted(set(run["classes"])))
+    return out
+
+
 def e2e_table(results: dict) -> str:
-    """Markdown: mIoU per variant and the paired difference to the raw label (``off``) and to the mask."""
-    lines = ["| support | config | mIoU | vs raw label (95% CI) | vs true mask (95% CI) | estimate s/support |",
-             "|---|---|---|---|---|---|"]
-    names = list(results["runs"][0]["variants"])
-    horse = results["dataset"] == "horse"
-    for name in names:
-        units, units_raw, units_mask, mious, cpu = [], [], [], [], []
+    """Markdown: mIoU per variant and the paired difference to the raw label (``off``), to the ``default``
+    estimator and to the mask (per episode on horses, per class on coco)."""
+    header = "| support | config | mIoU | vs raw label (95% CI) | vs default (95% CI) | vs true mask (95% CI) | "
+    lines = [header + "estimate s/support |", "|---|---|---|---|---|---|---|"]
+
+    def cmp(name: str, other: str) -> str:
+        base = _units(results, other)
+        if not base or other == name:
+            return ""
+        s = paired_stats(np.array(base), np.array(_units(results, name)))
+        return f"{s['diff']:+.1f} ({s['low']:+.1f} .. {s['high']:+.1f})"
+
+    for name in results["runs"][0]["variants"]:
         kind, _, spec = name.partition("|")
-        raw = f"{kind}|off"
-        for run in results["runs"]:
-            v = run["variants"]
-            mious.append(_miou(v[name], run["classes"], run["class_ids"]))
-            cpu.append(run["est_cpu_s"][name])
-            if horse:  # pair episodes: per-episode foreground IoU
-                for key, dest in ((name, units), (raw, units_raw), ("mask", units_mask)):
-                    if key in v:
-                        dest.extend(100.0 * sum(i for i, _ in p) / max(sum(u for _, u in p), 1) for p in v[key])
-            else:  # pair classes
-                for key, dest in ((name, units), (raw, units_raw), ("mask", units_mask)):
-                    if key in v:
-                        pc = _per_class(v[key], run["classes"], run["class_ids"])
-                        dest.extend(pc[c] for c in sorted(set(run["classes"])))
-
-        def cmp(other):
-            if not other or name == "mask":
-                return ""
-            s = paired_stats(np.array(other), np.array(units))
-            return f"{s['diff']:+.1f} ({s['low']:+.1f} .. {s['high']:+.1f})"
-
-        lines.append(f"| {kind} | `{spec or '-'}` | {np.mean(mious):.1f} | {cmp(units_raw) if spec != 'off' else ''} | "
-                     f"{cmp(units_mask)} | {np.mean(cpu):.2f} |")
+        mious = [_miou(r["variants"][name], r["classes"], r["class_ids"]) for r in results["runs"]]
+        cpu = [r["est_cpu_s"][name] for r in results["runs"]]
+        lines.append(f"| {kind} | `{spec or '-'}` | {np.mean(mious):.1f} | {cmp(name, f'{kind}|off')} | "
+                     f"{cmp(name, f'{kind}|default')} | {cmp(name, 'mask')} | {np.mean(cpu):.2f} |")
     return "\n".join(lines)
+
+
+def read_results(paths: list[str]) -> dict:
+    """One results file, or several of the same mode and dataset whose runs (folds) are joined."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    if len(results) > 1:
+        if any("rows" in r for r in results) or len({r["dataset"] for r in results}) > 1:
+            raise SystemExit("table: several files must be e2e / oracle runs of one dataset")
+        results[0]["runs"] = [run for r in results for run in r["runs"]]
+    return results[0]
 
 
 def main() -> int:
     """Parse arguments, run, print the table and save the JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=["quality", "e2e", "table"])
+    ap.add_argument("mode", choices=["quality", "e2e", "oracle", "table"])
     ap.add_argument("--dataset", choices=["horse", "coco"], default="horse")
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     ap.add_argument("--configs", nargs="+", default=["off", "default"])
     ap.add_argument("--sample", type=int, default=400, help="coco quality: (image, class) pairs (0 = all)")
+    ap.add_argument("--stride", type=int, default=1, help="quality: score every STRIDE-th item")
     ap.add_argument("--shots", type=int, default=1)
     ap.add_argument("--episodes", type=int, default=120)
     ap.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="quality: the seed of the synthesised labels")
+    ap.add_argument("--sample-seed", type=int, default=0,
+                    help="coco quality: the seed of the (image, class) sample (reports: 0, development draw: 1)")
+    ap.add_argument("--episode-seed", type=int, default=0,
+                    help="e2e / oracle: the seed of the sampled episodes (reports: 0, development draw: 7)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="JSON results file (table mode: the file to read)")
+    ap.add_argument("--out", nargs="+", default=None,
+                    help="JSON results file (table mode: the files to read, e2e / oracle runs joined)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     if args.mode == "table":
-        results = json.loads(Path(args.out).read_text())
+        results = read_results(args.out)
         print(quality_table(results) if "rows" in results else e2e_table(results))
         return 0
-    results = run_quality(args) if args.mode == "quality" else run_e2e(args)
+    results = {"quality": run_quality, "e2e": run_e2e, "oracle": run_oracle}[args.mode](args)
     results["command"] = " ".join(sys.argv)
     print(quality_table(results) if args.mode == "quality" else e2e_table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results))
+        out = Path(args.out[0])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results))
     return 0
 
 
