@@ -24,6 +24,7 @@ from fsdiff.weaklabel import (
     OFF,
     EstimatedMaskAnnotation,
     WeakLabelConfig,
+    _finish,
     click_radius,
     estimate_mask,
     estimate_supports,
@@ -257,3 +258,43 @@ def test_real_horse_box(shared_data):
     est = estimate_mask(image, box, COLOUR)
     truth = mask == 1
     assert iou(est == 1, truth) > 0.7 > iou(box.regions(mask.shape)[0], truth) + 0.2
+
+
+def test_doubted_object_pixels_become_ignore_by_hand():
+    obj = np.zeros((10, 10), bool)
+    obj[2:8, 2:8] = True
+    prob = np.full((10, 10), 0.9, np.float32)
+    prob[2:8, 6:8] = 0.1  # the features doubt two columns of the object
+    strokes = np.zeros((10, 10), np.uint8)
+    strokes[4, 3:8] = 1  # a stroke that reaches into the doubted columns
+    ann = ScribbleAnnotation(strokes)
+    doubting = WeakLabelConfig(doubt_threshold=0.3)
+    out = _finish(obj, prob, ann, doubting)
+    expect = obj.astype(np.uint8)
+    expect[2:8, 6:8] = 255
+    expect[4, 6:8] = 1  # the user's own stroke is never doubted
+    np.testing.assert_array_equal(out, expect)
+    np.testing.assert_array_equal(_finish(obj, prob, ann, WeakLabelConfig()), obj.astype(np.uint8))  # off by default
+    all_doubted = np.full((10, 10), 0.1, np.float32)
+    np.testing.assert_array_equal(_finish(obj, all_doubted, ScribbleAnnotation(np.zeros((10, 10), np.uint8)),
+                                          doubting), obj.astype(np.uint8))  # never left without object
+
+
+@pytest.mark.parametrize("kind", ["scribble", "points", "box"])
+def test_doubt_only_turns_object_into_ignore(kind):
+    img = three_regions(middle=(40, 200, 60))
+    strokes = np.zeros((120, 180), np.uint8)
+    strokes[40:80, 25:30] = 1
+    ann = {"scribble": ScribbleAnnotation(strokes), "box": BoxAnnotation((5.0, 5.0, 70.0, 115.0)),
+           "points": PointsAnnotation(np.array([[30.0, 60.0]]), np.array([1]), radius=10)}[kind]
+    kept = estimate_mask(img, ann, WeakLabelConfig())
+    est = estimate_mask(img, ann, WeakLabelConfig(doubt_threshold=0.3))
+    assert set(np.unique(kept)) <= {0, 1}
+    np.testing.assert_array_equal(est == 0, kept == 0)  # background is untouched
+    assert not ((est == 255) & (kept != 1)).any()  # only object pixels are doubted
+    if kind == "box":  # a box's estimate has its own feature seeding and is never doubted
+        np.testing.assert_array_equal(est, kept)
+    else:
+        assert (est == 255).any() and (est == 1).any()  # the synthetic far band is doubted here
+    with pytest.raises(FsdiffError, match="doubt_threshold"):
+        WeakLabelConfig(doubt_threshold=1.0)

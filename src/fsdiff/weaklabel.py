@@ -22,7 +22,12 @@ object under a stroke. This step turns the weak label into a dense mask once, be
    whatever the photo's size. Only the object components touching a foreground seed are kept
    (``keep_seeded_components``);
 4. the result is upsampled to the image's resolution and the label's hard constraints are re-imposed there;
-   optionally a band of ``uncertain_band`` of the object's size around the outline becomes 255 (ignore).
+   optionally a band of ``uncertain_band`` of the object's size around the outline becomes 255 (ignore);
+5. optionally, strokes / clicks: the object pixels that the feature guess doubts (probability below
+   ``doubt_threshold``, not a seed) become 255 (ignore). GrabCut's colour model leaks into background of a
+   similar colour, and a method is hurt more by background labelled object than by object left out. Off
+   by default (0): it gains on cluttered COCO photos and loses on object-centric ones, where the guess's
+   far-background assumption doubts real object parts (``docs/bench/weak_supports.md``).
 
 When GrabCut cannot run or returns no object pixel (a box under ``MIN_SIDE`` working pixels, a box
 covering the whole image so there is no background sample, an empty result) the label's own regions are
@@ -87,6 +92,7 @@ class WeakLabelConfig:
     max_upscale: float = 3.0
     keep_seeded_components: bool = True
     uncertain_band: float = 0.0
+    doubt_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -97,6 +103,8 @@ class WeakLabelConfig:
             raise FsdiffError(f"working_size={self.working_size!r} must be an integer >= 32 (pixels of the long side).")
         if not 0.0 < float(self.seed_threshold) < 1.0:
             raise FsdiffError(f"seed_threshold={self.seed_threshold!r} must lie strictly between 0 and 1.")
+        if not 0.0 <= float(self.doubt_threshold) < 1.0:
+            raise FsdiffError(f"doubt_threshold={self.doubt_threshold!r} must lie in [0, 1) (0 = keep every object pixel).")
         if not 0.0 <= float(self.uncertain_band) < 0.5:
             raise FsdiffError(f"uncertain_band={self.uncertain_band!r} must lie in [0, 0.5) (a fraction of the object's size).")
         for name in ("box_context", "far_margin", "points_far_margin"):
@@ -362,10 +370,10 @@ def estimate_mask(
                           "give a box, scribble or points.")
     if cfg.method == "off":
         return label_mask(annotation, shape)
-    fg_mask = _grabcut(image, annotation, cfg, int(seed), cache)
-    if fg_mask is None:
+    found = _grabcut(image, annotation, cfg, int(seed), cache)
+    if found is None:
         return label_mask(annotation, shape)
-    return _finish(fg_mask, annotation, cfg)
+    return _finish(*found, annotation, cfg)
 
 
 def _window(annotation: Annotation, shape: tuple[int, int], context: float) -> tuple[int, int, int, int]:
@@ -379,8 +387,10 @@ def _window(annotation: Annotation, shape: tuple[int, int], context: float) -> t
     return 0, h, 0, w
 
 
-def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, seed: int, cache) -> np.ndarray | None:
-    """GrabCut at the working size; the object (bool, full resolution, constraints held) or None to fall back."""
+def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, seed: int,
+             cache) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """GrabCut at the working size: the object (bool, full resolution, constraints held) and the feature
+    probability for strokes / clicks (full resolution, else None), or None to fall back."""
     from fsdiff.features import resize_image
 
     h, w = image.shape[:2]
@@ -399,6 +409,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     fg &= ~both
     bg &= ~both
     gc = np.full(small.shape[:2], cv2.GC_PR_BGD, np.uint8)
+    prob = None
     if box_full is not None:
         box = _resize_bool(box_full[win], ws, any_cover=True)
         ys, xs = np.nonzero(box)
@@ -406,9 +417,9 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
             return None
         guess = box.copy()
         if cfg.box_features and cfg.features and box_full.mean() >= cfg.box_features_min_area:
-            prob = box_similarity_map(image, box_full, (h, w), encoder=cfg.features, size=cfg.feature_size,
-                                      levels=cfg.feature_levels, quantile=cfg.box_quantile, cache=cache)
-            guess = box & (resize_image(prob[win], ws[::-1]) >= cfg.seed_threshold)
+            box_prob = box_similarity_map(image, box_full, (h, w), encoder=cfg.features, size=cfg.feature_size,
+                                          levels=cfg.feature_levels, quantile=cfg.box_quantile, cache=cache)
+            guess = box & (resize_image(box_prob[win], ws[::-1]) >= cfg.seed_threshold)
             if not guess.any():
                 guess = box.copy()
         gc[box] = cv2.GC_PR_BGD
@@ -421,6 +432,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
             prob = similarity_map(image, fg_full, [far & ~fg_full, bg_full], small.shape[:2], encoder=cfg.features,
                                   size=cfg.feature_size, levels=cfg.feature_levels, cache=cache)
             guess = prob >= cfg.seed_threshold
+            prob = resize_image(prob, (h, w)) if prob.shape != (h, w) else prob
         else:
             r = max(2, int(round(0.05 * max(small.shape[:2]))))
             guess = cv2.dilate(fg.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
@@ -453,12 +465,17 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     full &= ~bg_full
     if not full.any():
         return None
-    return full
+    return full, prob
 
 
-def _finish(obj: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig) -> np.ndarray:
-    """The {0,1,255} mask: the object, an optional ignore band around its outline, hard seeds kept."""
+def _finish(obj: np.ndarray, prob: np.ndarray | None, annotation: Annotation, cfg: WeakLabelConfig) -> np.ndarray:
+    """The {0,1,255} mask: the object, its doubted pixels and an optional band around its outline ignored,
+    hard seeds kept."""
     out = obj.astype(np.uint8)
+    if prob is not None and cfg.doubt_threshold > 0:
+        doubt = obj & (prob < cfg.doubt_threshold) & ~label_seeds(annotation, obj.shape)[0]
+        if (obj & ~doubt).any():
+            out[doubt] = IGNORE
     if cfg.uncertain_band > 0:
         ys, xs = np.nonzero(obj)
         size = np.sqrt(float(len(ys)))
