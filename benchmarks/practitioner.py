@@ -28,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import paired_stats  # noqa: E402
+
 DATA = Path(os.environ.get("FSDIFF_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 KINDS = ("mask", "box", "scribble", "scribble-fgbg", "points")
 LABEL = ":label"
@@ -152,9 +155,6 @@ def _unit_scores(recs: list[dict], field: str, per: str) -> dict:
 
 def _paired(a: dict, b: dict, seed: int = 0) -> tuple[float, float, float]:
     """Mean of b - a over shared units with the seeded bootstrap 95% interval of ``benchmarks/paired.py``."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from paired import paired_stats
-
     keys = sorted(set(a) & set(b))
     st = paired_stats(np.array([a[k] for k in keys]), np.array([b[k] for k in keys]), seed=seed)
     return st["diff"], st["low"], st["high"]
@@ -181,7 +181,7 @@ def _compare(g: dict, a: tuple, b: tuple, per: str, field: str = "refined") -> t
 
 
 def _miou(rows: list[dict], field: str, per: str) -> float:
-    return float(np.mean(list(_unit_scores(rows, field, "class" if per == "class" else "episode").values())))
+    return float(np.mean(list(_unit_scores(rows, field, per).values())))
 
 
 def table(folders) -> str:

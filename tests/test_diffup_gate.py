@@ -214,8 +214,9 @@ def test_one_feature_cache_for_the_decoder_and_the_prior_check(checkpoint, sourc
 
     seg = DiffUpSegmenter(checkpoint, steps=2)
     assert seg.prior.cache is seg.cache
-    fresh = FeatureCache()
+    old, fresh = seg.cache, FeatureCache()
+    n_old = len(old)
     seg.cache = fresh  # e.g. a benchmark starting each setting cold
     assert seg.cache is fresh and seg.prior.cache is fresh
     seg.predict(episode(source))
-    assert len(fresh) > 0  # the features went to the new cache, none to the old one
+    assert len(fresh) > 0 and len(old) == n_old  # the features went to the new cache, none to the old one

@@ -24,8 +24,8 @@ from fsdiff.weaklabel import (
     OFF,
     EstimatedMaskAnnotation,
     WeakLabelConfig,
-    _finish,
     click_radius,
+    doubted,
     estimate_mask,
     estimate_supports,
     label_mask,
@@ -260,24 +260,19 @@ def test_real_horse_box(shared_data):
     assert iou(est == 1, truth) > 0.7 > iou(box.regions(mask.shape)[0], truth) + 0.2
 
 
-def test_doubted_object_pixels_become_ignore_by_hand():
+def test_doubted_object_pixels_by_hand():
     obj = np.zeros((10, 10), bool)
     obj[2:8, 2:8] = True
     prob = np.full((10, 10), 0.9, np.float32)
     prob[2:8, 6:8] = 0.1  # the features doubt two columns of the object
-    strokes = np.zeros((10, 10), np.uint8)
-    strokes[4, 3:8] = 1  # a stroke that reaches into the doubted columns
-    ann = ScribbleAnnotation(strokes)
-    doubting = WeakLabelConfig(doubt_threshold=0.3)
-    out = _finish(obj, prob, ann, doubting)
-    expect = obj.astype(np.uint8)
-    expect[2:8, 6:8] = 255
-    expect[4, 6:8] = 1  # the user's own stroke is never doubted
-    np.testing.assert_array_equal(out, expect)
-    np.testing.assert_array_equal(_finish(obj, prob, ann, WeakLabelConfig()), obj.astype(np.uint8))  # off by default
-    all_doubted = np.full((10, 10), 0.1, np.float32)
-    np.testing.assert_array_equal(_finish(obj, all_doubted, ScribbleAnnotation(np.zeros((10, 10), np.uint8)),
-                                          doubting), obj.astype(np.uint8))  # never left without object
+    seeds = np.zeros((10, 10), bool)
+    seeds[4, 3:8] = True  # a stroke that reaches into the doubted columns
+    expect = np.zeros((10, 10), bool)
+    expect[2:8, 6:8] = True
+    expect[4, 6:8] = False  # the user's own stroke is never doubted
+    np.testing.assert_array_equal(doubted(obj, prob, seeds, 0.3), expect)
+    assert not doubted(obj, prob, seeds, 0.05).any()  # below every probability: nothing doubted
+    assert not doubted(obj, np.full((10, 10), 0.1, np.float32), np.zeros((10, 10), bool), 0.3).any()  # keeps an object
 
 
 @pytest.mark.parametrize("kind", ["scribble", "points", "box"])

@@ -285,7 +285,6 @@ def box_similarity_map(
     from fsdiff.priors import region_weights
 
     feats = _features(image, encoder, size, cache)
-    score = _region_score
 
     probs = []
     with torch.inference_mode():
@@ -296,11 +295,11 @@ def box_similarity_map(
             w_out = region_weights((~box).astype(np.float32), grid)
             if float(w_out.sum()) <= 0 or float((w_in >= 0.5).sum()) < 2:
                 continue
-            s_out = score(f, w_out)
+            s_out = _region_score(f, w_out)
             inside = w_in >= 0.5
             cut = torch.quantile(s_out[inside], quantile)
             seeds = (inside & (s_out <= cut)).float()
-            probs.append(torch.sigmoid((score(f, seeds) - s_out) / TEMPERATURE)[None, None])
+            probs.append(torch.sigmoid((_region_score(f, seeds) - s_out) / TEMPERATURE)[None, None])
         if not probs:
             return box.astype(np.float32) if tuple(box.shape) == tuple(out_shape) else np.ones(out_shape, np.float32)
         return _average_levels(probs, out_shape)
@@ -389,8 +388,8 @@ def _window(annotation: Annotation, shape: tuple[int, int], context: float) -> t
 
 def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, seed: int,
              cache) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """GrabCut at the working size: the object (bool, full resolution, constraints held) and the feature
-    probability for strokes / clicks (full resolution, else None), or None to fall back."""
+    """GrabCut at the working size: the object (bool, full resolution, constraints held) and its pixels the
+    features doubt (:func:`doubted`; None unless ``doubt_threshold`` is set), or None to fall back."""
     from fsdiff.features import resize_image
 
     h, w = image.shape[:2]
@@ -409,7 +408,7 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     fg &= ~both
     bg &= ~both
     gc = np.full(small.shape[:2], cv2.GC_PR_BGD, np.uint8)
-    prob = None
+    prob = None  # the strokes / clicks feature map, kept only when its doubts are used
     if box_full is not None:
         box = _resize_bool(box_full[win], ws, any_cover=True)
         ys, xs = np.nonzero(box)
@@ -432,7 +431,8 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
             prob = similarity_map(image, fg_full, [far & ~fg_full, bg_full], small.shape[:2], encoder=cfg.features,
                                   size=cfg.feature_size, levels=cfg.feature_levels, cache=cache)
             guess = prob >= cfg.seed_threshold
-            prob = resize_image(prob, (h, w)) if prob.shape != (h, w) else prob
+            if not cfg.doubt_threshold > 0:
+                prob = None
         else:
             r = max(2, int(round(0.05 * max(small.shape[:2]))))
             guess = cv2.dilate(fg.astype(np.uint8), cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1,) * 2)) > 0
@@ -465,17 +465,24 @@ def _grabcut(image: np.ndarray, annotation: Annotation, cfg: WeakLabelConfig, se
     full &= ~bg_full
     if not full.any():
         return None
-    return full, prob
+    if prob is None:
+        return full, None
+    return full, doubted(full, resize_image(prob, (h, w)), fg_full, cfg.doubt_threshold)
 
 
-def _finish(obj: np.ndarray, prob: np.ndarray | None, annotation: Annotation, cfg: WeakLabelConfig) -> np.ndarray:
-    """The {0,1,255} mask: the object, its doubted pixels and an optional band around its outline ignored,
-    hard seeds kept."""
+def doubted(obj: np.ndarray, prob: np.ndarray, seeds: np.ndarray, threshold: float) -> np.ndarray:
+    """The object pixels whose feature probability is below ``threshold``, except the user's own seeds;
+    nothing when that would leave no object pixel."""
+    doubt = obj & (prob < threshold) & ~seeds
+    return doubt if (obj & ~doubt).any() else np.zeros_like(obj)
+
+
+def _finish(obj: np.ndarray, doubt: np.ndarray | None, annotation: Annotation, cfg: WeakLabelConfig) -> np.ndarray:
+    """The {0,1,255} mask: the object with its doubted pixels and an optional band around its outline
+    ignored, hard seeds kept."""
     out = obj.astype(np.uint8)
-    if prob is not None and cfg.doubt_threshold > 0:
-        doubt = obj & (prob < cfg.doubt_threshold) & ~label_seeds(annotation, obj.shape)[0]
-        if (obj & ~doubt).any():
-            out[doubt] = IGNORE
+    if doubt is not None:
+        out[doubt] = IGNORE
     if cfg.uncertain_band > 0:
         ys, xs = np.nonzero(obj)
         size = np.sqrt(float(len(ys)))
